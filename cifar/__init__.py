@@ -1,0 +1,1 @@
+"""The CIFAR training pipeline: config, data, models and run outputs used by ``train.py``."""

@@ -1,0 +1,236 @@
+"""Datasets and transforms: CIFAR-10/100, any image folder, and a synthetic set.
+
+Every dataset is loaded once into memory as uint8 images (N, 3, H, W) and
+integer labels: CIFAR-sized data fits easily, decoding happens once, and the
+same :class:`ImageArray` serves all sources. Random augmentation is applied by
+:class:`repro.augment.SeededAugmentation`, so it depends only on (seed, epoch,
+sample index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import transforms
+
+IMAGE_SIZE = 32
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Per-channel statistics of the training sets, on the 0-1 scale.
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+# The synthetic set is a fixed dataset: its own seed, independent of the run's.
+SYNTHETIC_DATA_SEED = 20240101
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded: reported as one line, exit status 2."""
+
+
+class ImageArray(torch.utils.data.Dataset):
+    """Images as a uint8 tensor (N, 3, H, W) with integer labels; item i is (image, label)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+@dataclass
+class Splits:
+    """A dataset's train and test splits, with what the pipeline needs to know of it."""
+
+    train: ImageArray
+    test: ImageArray
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def fingerprint(self) -> str:
+        """SHA-256 over both splits' images and labels: which data a run saw."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.test):
+            digest.update(split.images.numpy().tobytes())
+            digest.update(split.labels.numpy().astype("<i8").tobytes())
+        return digest.hexdigest()
+
+
+def _from_hwc(images: np.ndarray, labels: list[int] | np.ndarray) -> ImageArray:
+    tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return ImageArray(tensor, torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    scaled = images.to(torch.float64) / 255
+    mean = scaled.mean(dim=(0, 2, 3))
+    std = scaled.std(dim=(0, 2, 3))
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def synthetic(train_size: int, test_size: int) -> Splits:
+    """A learnable CIFAR-shaped dataset made offline: 10 classes, 3x32x32.
+
+    Each class has a smooth colour pattern (a random 4x4 field, upsampled);
+    each image is its class's pattern, shifted by up to 3 pixels, with random
+    contrast and pixel noise. Generated from a fixed data seed, so every run
+    sees the same images.
+    """
+    rng = np.random.Generator(np.random.PCG64(SYNTHETIC_DATA_SEED))
+    num_classes = 10
+    coarse = rng.uniform(-1, 1, size=(num_classes, 4, 4, 3))
+    patterns = np.kron(coarse, np.ones((1, 8, 8, 1)))
+
+    def make(count: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, num_classes, size=count)
+        shifts = rng.integers(-3, 4, size=(count, 2))
+        contrast = rng.uniform(0.5, 1.0, size=(count, 1, 1, 1))
+        noise = rng.normal(0, 1.1, size=(count, IMAGE_SIZE, IMAGE_SIZE, 3))
+        images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3))
+        for i, (label, (dy, dx)) in enumerate(zip(labels, shifts, strict=True)):
+            images[i] = np.roll(patterns[label], (dy, dx), axis=(0, 1))
+        images = 127.5 + 80 * (contrast * images + noise)
+        return np.clip(images, 0, 255).astype(np.uint8), labels
+
+    train = _from_hwc(*make(train_size))
+    test = _from_hwc(*make(test_size))
+    mean, std = _channel_stats(train.images)
+    return Splits(train, test, num_classes, mean, std)
+
+
+def cifar(name: str, data_dir: str) -> Splits:
+    """CIFAR-10 or CIFAR-100 through torchvision, downloaded into ``data_dir`` when missing."""
+    from torchvision import datasets
+
+    dataset_class, num_classes, (mean, std) = {
+        "cifar10": (datasets.CIFAR10, 10, CIFAR10_STATS),
+        "cifar100": (datasets.CIFAR100, 100, CIFAR100_STATS),
+    }[name]
+    try:
+        train = dataset_class(data_dir, train=True, download=True)
+        test = dataset_class(data_dir, train=False, download=True)
+    except (OSError, RuntimeError) as error:
+        raise DataError(
+            f"cannot load {name} from {data_dir!r} and cannot download it ({type(error).__name__}); "
+            f"put the dataset there with --data-dir, or train offline with --dataset synthetic"
+        ) from None
+    return Splits(_from_hwc(train.data, train.targets), _from_hwc(test.data, test.targets), num_classes, mean, std)
+
+
+def _read_folder(split_dir: Path, classes: list[str]) -> ImageArray:
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+                    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+                    images.append(np.asarray(image, dtype=np.uint8))
+            except (OSError, UnidentifiedImageError):
+                raise DataError(f"unreadable image {path} in {split_dir}") from None
+            labels.append(label)
+    if not images:
+        raise DataError(f"no images in {split_dir} (expected {split_dir}/<class>/*.jpg or .png)")
+    return _from_hwc(np.stack(images), labels)
+
+
+def imagefolder(data_dir: str) -> Splits:
+    """Any folder laid out as ``train/<class>/*`` and ``test/<class>/*`` images.
+
+    Images are converted to RGB and resized to 32x32 when they are not. The
+    classes are the sorted sub-folder names of ``train/``; ``test/`` must have
+    the same ones.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    train_dir, test_dir = root / "train", root / "test"
+    for split_dir in (train_dir, test_dir):
+        if not split_dir.is_dir():
+            raise DataError(
+                f"image folder {root} has no {split_dir.name}/ folder (expected train/<class>/ and test/<class>/)"
+            )
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders (expected {train_dir}/<class>/*.jpg)")
+    test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    if test_classes != classes:
+        raise DataError(f"{test_dir} has classes {test_classes}, but {train_dir} has {classes}")
+    train = _read_folder(train_dir, classes)
+    test = _read_folder(test_dir, classes)
+    mean, std = _channel_stats(train.images)
+    return Splits(train, test, len(classes), mean, std)
+
+
+def load_splits(dataset: str, data_dir: str, synthetic_sizes: tuple[int, int]) -> Splits:
+    """Load the named dataset; raises :class:`DataError` with a one-line reason."""
+    if dataset == "synthetic":
+        return synthetic(*synthetic_sizes)
+    if dataset == "imagefolder":
+        return imagefolder(data_dir)
+    return cifar(dataset, data_dir)
+
+
+class Cutout(nn.Module):
+    """Zero a random ``size`` x ``size`` square (clipped at the border) of a (C, H, W) tensor."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        y, x = (int(v) for v in torch.randint(0, max(height, width), (2,)))
+        top, left = max(y - self.size // 2, 0), max(x - self.size // 2, 0)
+        image = image.clone()
+        image[..., top : y + (self.size + 1) // 2, left : x + (self.size + 1) // 2] = 0
+        return image
+
+
+def train_transform(splits: Splits, cutout: int) -> nn.Module:
+    """Random crop with 4 pixels of zero padding, horizontal flip, normalise, optional cutout."""
+    steps: list[nn.Module] = [
+        transforms.RandomCrop(IMAGE_SIZE, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ConvertImageDtype(torch.float32),
+        transforms.Normalize(splits.mean, splits.std),
+    ]
+    if cutout:
+        steps.append(Cutout(cutout))
+    return transforms.Compose(steps)
+
+
+def test_transform(splits: Splits) -> nn.Module:
+    """Normalise only: evaluation is deterministic."""
+    return transforms.Compose(
+        [transforms.ConvertImageDtype(torch.float32), transforms.Normalize(splits.mean, splits.std)]
+    )
+
+
+class Transformed(torch.utils.data.Dataset):
+    """Apply a deterministic transform to each item's image."""
+
+    def __init__(self, dataset: ImageArray, transform: nn.Module) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label

@@ -1,0 +1,61 @@
+"""repro: a small library for reproducible PyTorch training.
+
+Each concern lives in its own module:
+
+- :mod:`repro.seeds`: derived seed streams (:func:`derive_seed`, :class:`SeedPlan`)
+- :mod:`repro.seeding`: seeding the global generators (:func:`seed_everything`)
+- :mod:`repro.distributed`: rank and world size before and after the process group
+- :mod:`repro.determinism`: strict / warn / off switches
+- :mod:`repro.hashseed`: making ``PYTHONHASHSEED`` effective
+- :mod:`repro.loader`: worker seeding, generators, the resumable sharded sampler
+- :mod:`repro.augment`: per-sample augmentation seeding
+- :mod:`repro.rng`: capture and restore of every generator, as plain data
+- :mod:`repro.fingerprint`: the environment fingerprint and its comparison
+- :mod:`repro.audit`: modules with no deterministic CUDA implementation
+- :mod:`repro.weights`: hashes of model weights
+
+Names are imported lazily, so ``import repro`` is instant and
+``repro.hashseed`` can run before torch is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "derive_seed": "repro.seeds",
+    "mix64": "repro.seeds",
+    "SeedPlan": "repro.seeds",
+    "check_seed": "repro.seeds",
+    "seed_everything": "repro.seeding",
+    "seed_generators": "repro.seeding",
+    "get_rank": "repro.distributed",
+    "get_world_size": "repro.distributed",
+    "get_local_rank": "repro.distributed",
+    "launcher_world_size": "repro.distributed",
+    "configure_determinism": "repro.determinism",
+    "ensure_hash_seed": "repro.hashseed",
+    "WorkerSeeder": "repro.loader",
+    "make_generator": "repro.loader",
+    "GlobalBatchSampler": "repro.loader",
+    "SeededAugmentation": "repro.augment",
+    "capture_rng_state": "repro.rng",
+    "restore_rng_state": "repro.rng",
+    "environment_fingerprint": "repro.fingerprint",
+    "compare_fingerprints": "repro.fingerprint",
+    "audit_model": "repro.audit",
+    "state_dict_sha256": "repro.weights",
+    "tensor_digests": "repro.weights",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'repro' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,93 @@
+"""The environment fingerprint: everything bitwise equality depends on.
+
+Two runs with the same seed and config give the same weights only on the same
+software and hardware. :func:`environment_fingerprint` records that
+environment (versions of Python, torch, torchvision, accelerate, NumPy, CUDA,
+cuDNN, the GPU model, the world size, the git commit) for the run's manifest;
+:func:`compare_fingerprints` lists what differs between two of them, so that a
+resumed or reproduced run can say why bitwise equality is no longer promised.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_state(path: str | Path = ".") -> dict[str, Any]:
+    """Return ``{"commit": sha or None, "dirty": bool or None}`` for the repository at ``path``."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def environment_fingerprint(world_size: int = 1, repo: str | Path | None = None) -> dict[str, Any]:
+    """Return the dict of what bitwise equality depends on.
+
+    Args:
+        world_size: the number of processes of the run.
+        repo: a folder inside the git repository of the code, for its commit
+            and whether the tree was dirty; ``None`` leaves them out.
+
+    The caller adds what only it knows (the resolved config's hash, the
+    dataset's fingerprint) under keys of its own.
+    """
+    cuda = torch.cuda.is_available()
+    fingerprint: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "accelerate": _version("accelerate"),
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "device": "cuda" if cuda else "cpu",
+        "world_size": world_size,
+    }
+    if repo is not None:
+        git = git_state(repo)
+        fingerprint["git_commit"] = git["commit"]
+        fingerprint["git_dirty"] = git["dirty"]
+    return fingerprint
+
+
+def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """List the differences between two fingerprints, one readable line each.
+
+    An empty list means bitwise equality is still promised, as far as the
+    fingerprint can tell.
+    """
+    differences = []
+    for key in sorted(set(expected) | set(actual)):
+        before, after = expected.get(key), actual.get(key)
+        if before != after:
+            differences.append(f"{key}: {before!r} -> {after!r}")
+    return differences

@@ -1,0 +1,183 @@
+"""DataLoader support: worker seeding, seeded generators, and a resumable,
+rank-sharded batch sampler.
+
+Three traps this module avoids:
+
+- Workers forked from one process share its ``random`` and NumPy state, and
+  workers of different ranks get the same streams unless the rank is mixed in.
+  :class:`WorkerSeeder` seeds each worker from ``worker(rank, worker_id)``.
+- A DataLoader without a ``generator`` draws its workers' base seed from the
+  global torch generator every time an iterator is created, so creating an
+  evaluation loader shifts the training stream. :func:`make_generator` gives
+  each loader its own.
+- A sampler whose epoch and position are not saved makes a resumed run replay
+  epoch 0 or skip batches. :class:`GlobalBatchSampler` yields ``(epoch,
+  index)`` keys from a permutation that depends only on (order seed, epoch),
+  starts at any batch, and reports its position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from repro.seeding import seed_generators
+from repro.seeds import check_seed, derive_seed
+
+SampleKey = tuple[int, int]
+"""``(epoch, sample index)``: what a sample's augmentation depends on."""
+
+
+class WorkerSeeder:
+    """A picklable ``worker_init_fn`` that seeds ``random``, NumPy and torch in
+    each DataLoader worker from ``derive_seed(seed, "worker", rank, worker_id)``.
+
+    Worker streams differ across workers and ranks and repeat across runs. They
+    drive only what user code draws in a worker outside
+    :class:`repro.augment.SeededAugmentation`; the augmentation of a sample does
+    not depend on which worker loads it.
+    """
+
+    def __init__(self, seed: int, rank: int = 0) -> None:
+        self.seed = check_seed(seed)
+        if rank < 0:
+            raise ValueError(f"rank must be non-negative, got {rank}")
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        seed_generators(derive_seed(self.seed, "worker", self.rank, worker_id))
+
+
+def make_generator(seed: int, stream: str, *indices: int) -> torch.Generator:
+    """Return a CPU ``torch.Generator`` seeded from ``derive_seed(seed, stream, *indices)``.
+
+    Give one to every DataLoader (``generator=``), training and evaluation, so
+    that creating a loader's iterator never draws from the global generator.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(seed, stream, *indices))
+    return generator
+
+
+class GlobalBatchSampler:
+    """Yield this rank's share of each global batch of a seeded permutation.
+
+    Epoch ``e``'s order is ``torch.randperm(num_samples)`` drawn from a generator
+    seeded with ``derive_seed(seed, "order", e)``, identical on every rank.
+    Global batch ``t`` is ``order[t*B:(t+1)*B]`` for the global batch size ``B``;
+    rank ``r`` of ``W`` takes the ``r``-th of its ``W`` equal slices. So the set of
+    samples in global step ``t`` is the same for any world size, and a position
+    counted in global batches stays valid when the world size changes.
+
+    Padding rule: with ``drop_last=True`` (the default for training) a final
+    incomplete global batch is dropped. With ``drop_last=False`` it is completed
+    with the first samples of the same epoch's order, so every rank gets a full
+    slice and every sample appears at least once.
+
+    Each element yielded is a list of ``(epoch, index)`` keys. The keys carry
+    the epoch to the dataset, so persistent workers, which keep their own copy
+    of the dataset, still see the right epoch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(
+                f"global batch size {batch_size} must be a positive multiple of the world size {world_size}"
+            )
+        if drop_last and num_samples < batch_size:
+            raise ValueError(f"global batch size {batch_size} exceeds the {num_samples} samples with drop_last")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = check_seed(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        """Number of global batches in a whole epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch, and the global batch to start from, of the next iteration.
+
+        Call it before iterating each epoch (forgetting it repeats epoch 0's
+        order); pass ``start_batch`` to resume in the middle of an epoch.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Return the global order of sample indices in ``epoch``, padded as documented."""
+        if self.shuffle:
+            generator = make_generator(self.seed, "order", epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        if self.drop_last:
+            return order[: len(self) * self.batch_size]
+        padding = len(self) * self.batch_size - self.num_samples
+        return torch.cat([order, order[:padding]])
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        order = self.epoch_order(self.epoch).tolist()
+        local = self.batch_size // self.world_size
+        for batch in range(self.start_batch, len(self)):
+            begin = batch * self.batch_size + self.rank * local
+            yield [(self.epoch, index) for index in order[begin : begin + local]]
+
+    def state_dict(self, batches_consumed: int) -> dict[str, Any]:
+        """Return the position to resume from, as plain integers.
+
+        A DataLoader fetches batches ahead of the training loop, so only the
+        loop knows how many it has consumed since this iteration began: pass
+        that count.
+        """
+        position = self.start_batch + batches_consumed
+        if not 0 <= position <= len(self):
+            raise ValueError(f"position {position} is outside the epoch's {len(self)} batches")
+        return {
+            "version": 1,
+            "epoch": self.epoch,
+            "position": position,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the epoch and position of ``state``.
+
+        Raises ``ValueError`` if ``state`` was written for another dataset size,
+        global batch size or seed, where its position would mean other samples.
+        """
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported sampler state version {state.get('version')!r}")
+        for key in ("num_samples", "batch_size", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
+        self.set_epoch(int(state["epoch"]), int(state["position"]))

@@ -1,0 +1,70 @@
+"""Shared helpers: run train.py for real, in a subprocess, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A run of a few seconds: 256 synthetic images, a small CNN, 2 epochs of 8 steps.
+TINY = [
+    "--dataset", "synthetic",
+    "--synthetic-train-size", "256",
+    "--synthetic-test-size", "128",
+    "--model", "small_cnn",
+    "--epochs", "2",
+    "--batch-size", "32",
+    "--lr", "0.05",
+    "--num-workers", "0",
+]  # fmt: skip
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh shell: no launcher variables, one thread per op."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONHASHSEED")
+    }
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+def run_train(*args: str, env: dict[str, str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_ok(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Train a tiny run into ``run_dir`` and return its manifest; fail with its output if it fails."""
+    result = run_train(*TINY, "--output-dir", str(run_dir), *args, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_manifest(run_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny run with the default seed, shared by the tests that compare against it."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train_ok(run_dir)
+    return run_dir

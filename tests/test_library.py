@@ -1,0 +1,164 @@
+"""RNG capture, determinism modes, rank detection, fingerprint and audit."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, clean_env
+from torch import nn
+
+from repro.audit import audit_model
+from repro.determinism import configure_determinism
+from repro.distributed import get_local_rank, get_rank, get_world_size, launcher_world_size
+from repro.fingerprint import compare_fingerprints, environment_fingerprint
+from repro.rng import capture_rng_state, restore_rng_state
+
+
+def draws():
+    return random.random(), float(np.random.rand()), np.random.randn(), torch.rand(2).tolist()
+
+
+def test_rng_state_round_trips_through_json():
+    random.seed(3)
+    np.random.seed(3)
+    np.random.randn()  # leaves a cached Gaussian in NumPy's state
+    torch.manual_seed(3)
+    state = json.loads(json.dumps(capture_rng_state()))
+    expected = draws()
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    restore_rng_state(state)
+    assert draws() == expected
+
+
+def test_rng_state_of_unknown_version_or_corrupt_is_refused():
+    state = capture_rng_state()
+    with pytest.raises(ValueError, match=r"unsupported repro\.rng version"):
+        restore_rng_state({**state, "version": 99})
+    with pytest.raises(ValueError, match="corrupt"):
+        restore_rng_state({**state, "torch_cpu": "not base64!"})
+    with pytest.raises(ValueError, match=r"not a repro\.rng state"):
+        restore_rng_state({"format": "pickle"})
+
+
+@pytest.mark.parametrize("mode", ["strict", "warn", "off"])
+def test_determinism_modes_report_what_they_set(mode):
+    try:
+        settings = configure_determinism(mode)
+        assert settings["mode"] == mode
+        assert settings["deterministic_algorithms"] is (mode != "off")
+        assert settings["warn_only"] is (mode == "warn")
+        assert settings["cudnn_benchmark"] is (mode == "off")
+        assert settings["tf32_matmul"] is (mode == "off")
+        assert torch.are_deterministic_algorithms_enabled() is (mode != "off")
+        if mode != "off":
+            assert settings["cublas_workspace_config"] == ":4096:8"
+    finally:
+        configure_determinism("off")
+        torch.use_deterministic_algorithms(False)
+
+
+def test_unknown_determinism_mode_raises():
+    with pytest.raises(ValueError, match="strict, warn, off"):
+        configure_determinism("fast")
+
+
+@pytest.mark.parametrize(
+    ("env", "rank", "world", "local"),
+    [
+        ({}, 0, 1, 0),
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, 3, 4, 1),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, 5, 8, 1),
+        ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, 2, 3, 0),
+        ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 1, 2, 0),
+    ],
+)
+def test_rank_detection_from_launcher_variables(monkeypatch, env, rank, world, local):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "PMI_RANK",
+        "PMI_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert (get_rank(), get_world_size(), get_local_rank()) == (rank, world, local)
+    assert launcher_world_size() == (world if env else None)
+
+
+def test_rank_detection_uses_the_process_group_once_it_exists():
+    code = (
+        "import os, torch.distributed as dist\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29533', RANK='0', WORLD_SIZE='1')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "os.environ['RANK'] = '7'\n"
+        "from repro.distributed import get_rank, get_world_size\n"
+        "print(get_rank(), get_world_size())\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert result.stdout.split() == ["0", "1"], result.stderr
+
+
+def test_fingerprint_records_versions_and_comparison_lists_differences():
+    fingerprint = environment_fingerprint(world_size=2, repo=REPO)
+    assert fingerprint["torch"] == torch.__version__ and fingerprint["world_size"] == 2
+    assert "git_commit" in fingerprint
+    assert compare_fingerprints(fingerprint, dict(fingerprint)) == []
+    changed = {**fingerprint, "torch": "0.0", "world_size": 4}
+    assert compare_fingerprints(fingerprint, changed) == [
+        f"torch: {torch.__version__!r} -> '0.0'",
+        "world_size: 2 -> 4",
+    ]
+
+
+class SpatialMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+class FunctionalResize(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2, mode="bilinear")
+
+
+def test_audit_flags_adaptive_pool_and_names_module_and_fix():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    findings = audit_model(model)
+    assert [f.where for f in findings] == ["1 (AdaptiveAvgPool2d)"]
+    assert "mean(dim=(2, 3))" in findings[0].fix
+
+
+def test_audit_passes_a_spatial_mean_and_finds_functional_calls():
+    assert audit_model(SpatialMean(), torch.zeros(1, 3, 8, 8)) == []
+    findings = audit_model(FunctionalResize(), torch.zeros(1, 3, 8, 8))
+    assert [f.where for f in findings] == ["operator aten::upsample_bilinear2d"]
+    assert audit_model(nn.Sequential(nn.ReflectionPad2d(1), nn.Upsample(scale_factor=2, mode="bicubic")))
+
+
+def test_audit_passes_the_shipped_models():
+    from cifar.models import MODELS
+
+    for name, model_class in MODELS.items():
+        assert audit_model(model_class(num_classes=10), torch.zeros(2, 3, 32, 32)) == [], name

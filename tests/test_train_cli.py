@@ -1,0 +1,106 @@
+"""train.py end to end: run folder, bitwise repeatability, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok
+
+
+def test_run_folder_holds_config_metrics_manifest_and_weights(reference_run):
+    for name in ("config.yaml", "metrics.jsonl", "manifest.json", "model.safetensors"):
+        assert (reference_run / name).is_file(), name
+    manifest = read_manifest(reference_run)
+    for key in ("seed", "world_size", "test_accuracy", "weights_sha256"):
+        assert key in manifest
+    for package in ("python", "torch", "torchvision", "accelerate", "numpy"):
+        assert manifest["environment"][package]
+    metrics = read_metrics(reference_run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for key in ("step", "train_loss", "test_accuracy", "lr", "images_per_s", "elapsed_s"):
+        assert key in metrics[-1]
+    assert manifest["python_hash_seed"] == "0"
+
+
+def test_weights_sha256_is_the_hash_of_the_saved_weights(reference_run):
+    # safetensors sorts keys on save; the manifest hashes the model's own key order.
+    import torch
+    from safetensors.torch import load_file
+
+    from cifar.models import build_model
+    from repro.weights import state_dict_sha256
+
+    order = list(build_model("small_cnn", 10).state_dict())
+    saved = load_file(reference_run / "model.safetensors")
+    assert state_dict_sha256({name: saved[name] for name in order}) == read_manifest(reference_run)["weights_sha256"]
+    assert all(isinstance(t, torch.Tensor) for t in saved.values())
+
+
+def test_same_seed_same_weights_and_metrics(reference_run, tmp_path):
+    manifest = train_ok(tmp_path / "again")
+    assert manifest["weights_sha256"] == read_manifest(reference_run)["weights_sha256"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "again")) == strip(read_metrics(reference_run))
+
+
+def test_different_seed_different_weights(reference_run, tmp_path):
+    manifest = train_ok(tmp_path / "other", "--seed", "2334")
+    assert manifest["weights_sha256"] != read_manifest(reference_run)["weights_sha256"]
+
+
+def test_max_steps_stops_and_writes_the_run(tmp_path):
+    manifest = train_ok(tmp_path / "short", "--max-steps", "3")
+    assert read_metrics(tmp_path / "short")[-1]["step"] == 3
+    assert len(manifest["weights_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "-1"], "seed must be in [0, 4294967295]"),
+        (["--seed", str(2**32)], "seed must be in [0, 4294967295]"),
+        (["--seed", "1.5"], "'seed' must be int"),
+        (["--seed", "abc"], "'seed' must be int"),
+        (["--config", "no/such/file.yaml"], "config file not found: no/such/file.yaml"),
+        (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+        (["--model", "vgg"], "'model' must be one of"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
+    result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_and_mistyped_yaml_keys_are_named(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("epochz: 3\n")
+    result = run_train(*TINY, "--config", str(typo))
+    assert result.returncode == 2 and "unknown config key 'epochz'" in result.stderr
+    mistyped = tmp_path / "mistyped.yaml"
+    mistyped.write_text("epochs: three\n")
+    result = run_train(*TINY, "--config", str(mistyped))
+    assert result.returncode == 2 and "'epochs' must be int" in result.stderr
+
+
+def test_output_folder_of_another_run_is_refused_unless_overwrite(reference_run):
+    before = (reference_run / "manifest.json").read_bytes()
+    result = run_train(*TINY, "--output-dir", str(reference_run), "--seed", "7")
+    assert result.returncode == 2
+    assert "holds a different run (differs in seed)" in result.stderr
+    assert (reference_run / "manifest.json").read_bytes() == before
+
+
+def test_import_repro_needs_neither_accelerate_nor_torchvision():
+    code = (
+        "import sys; sys.modules['accelerate'] = None; sys.modules['torchvision'] = None\n"
+        "import repro, importlib, pkgutil\n"
+        "for m in pkgutil.iter_modules(repro.__path__): importlib.import_module('repro.' + m.name)\n"
+        "print(sorted(repro.__all__)[0])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
