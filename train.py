@@ -5,7 +5,7 @@
 
 Read top to bottom: config, distributed setup, seeding, data, model,
 optimizer, training loop, evaluation, save. Every random stream comes from
-``repro`` (see ../DESIGN notes in README.md), derived from one seed.
+``repro/``, derived from one seed (README.md explains the streams).
 """
 
 import repro.hashseed
@@ -16,8 +16,12 @@ repro.hashseed.ensure_hash_seed()
 
 import math
 import os
+import shutil
+import signal
 import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,16 +31,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from cifar.config import ConfigError, TrainConfig, config_to_dict, parse_config
+from cifar import checkpoint
+from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, parse_config
 from cifar.data import DataError, Splits, Transformed, load_splits, test_transform, train_transform
 from cifar.models import build_model
 from cifar.outputs import MetricsLog, check_output_dir, default_output_dir, write_config, write_json
+from cifar.plots import plot_curves
 from repro.audit import audit_model
 from repro.augment import SeededAugmentation
 from repro.determinism import configure_determinism
 from repro.distributed import launcher_world_size
-from repro.fingerprint import environment_fingerprint
+from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
+from repro.rng import capture_rng_state, restore_rng_state
 from repro.seeding import seed_everything
 from repro.seeds import SeedPlan
 from repro.weights import state_dict_sha256
@@ -160,29 +167,153 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
     return {"test_loss": loss_sum / count, "test_accuracy": correct / count, "test_images": int(count)}
 
 
+@dataclass
+class Progress:
+    """Where the run is: all a resumed run needs besides weights, optimizer and RNG."""
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    position: int = 0  # global batches of that epoch already trained
+    step: int = 0  # optimizer steps since the run began
+    records: list[dict] = field(default_factory=list)  # metrics of completed epochs
+
+
+class StopRequest:
+    """Turn SIGTERM and SIGINT into a request to stop after the current step.
+
+    Cluster schedulers send SIGTERM before preemption: the run finishes its
+    step, writes a checkpoint and exits, and `--resume auto` continues it.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: object) -> None:
+        self.signal = number
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank if a signal reached any rank, so all stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.signal is not None
+        flag = torch.tensor([0 if self.signal is None else 1], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+def save_checkpoint(
+    run_dir: Path,
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    sampler: GlobalBatchSampler,
+    progress: Progress,
+    loss_sum: torch.Tensor,
+    config: TrainConfig,
+    test_accuracy: float | None = None,
+) -> None:
+    """Write a checkpoint atomically: every rank its RNG state, the main process the rest."""
+    staging = checkpoint.staging_dir(run_dir, progress.step)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank_state = {"rng": capture_rng_state(), "loss_sum": loss_sum.item()}
+    checkpoint.write_rank_state(staging, accelerator.process_index, rank_state)
+    model_state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "position": progress.position,
+            "records": progress.records,
+            "test_accuracy": test_accuracy,
+            "sampler": sampler.state_dict(progress.position - sampler.start_batch),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "config": config_to_dict(config),
+            "environment": environment_fingerprint(accelerator.num_processes, REPO),
+        }
+        checkpoint.write_main(staging, model_state, optimizer.state_dict(), state)
+        checkpoint.prune(run_dir, config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def resume(
+    config: TrainConfig,
+    run_dir: Path,
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    sampler: GlobalBatchSampler,
+    metrics: MetricsLog,
+) -> tuple[Progress, torch.Tensor]:
+    """Restore everything from the checkpoint `--resume` names, or start afresh."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    if config.resume is None:
+        return Progress(), loss_sum
+    found, notes = checkpoint.find_resume_checkpoint(run_dir, config.resume)
+    for note in notes:
+        accelerator.print(f"resume: {note}")
+    if found is None:
+        accelerator.print("resume: no checkpoint yet; starting from scratch")
+        return Progress(), loss_sum
+    changed = config_differences(found.state["config"], config)
+    if changed:
+        raise UsageError(f"cannot resume {found.path} with a different config: {'; '.join(changed)}")
+    for difference in compare_fingerprints(
+        found.state["environment"], environment_fingerprint(accelerator.num_processes, REPO)
+    ):
+        warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
+    accelerator.unwrap_model(model).load_state_dict(found.model_state())
+    optimizer.load_state_dict(found.optimizer_state())
+    scheduler.load_state_dict(found.state["scheduler"])
+    if accelerator.scaler is not None and found.state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(found.state["scaler"])
+    sampler.load_state_dict(found.state["sampler"])
+    rank_state = found.rank_state(accelerator.process_index)
+    if rank_state is None:
+        warnings.warn("no RNG state for this rank in the checkpoint (world size changed)", stacklevel=1)
+    else:
+        restore_rng_state(rank_state["rng"])
+        loss_sum = torch.tensor(rank_state["loss_sum"], device=accelerator.device)
+    state = found.state
+    progress = Progress(state["epoch"], state["position"], state["step"], state["records"])
+    if accelerator.is_main_process:
+        metrics.rewrite(progress.records)
+    accelerator.print(f"resumed from {found.path} at step {progress.step} (epoch {progress.epoch + 1})")
+    return progress, loss_sum
+
+
 def train(
     config: TrainConfig,
+    run_dir: Path,
     accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     loaders: tuple[DataLoader, GlobalBatchSampler, DataLoader],
     metrics: MetricsLog,
-) -> dict[str, float]:
-    """The training loop: one optimizer step per global batch, evaluation each epoch."""
+    progress: Progress,
+    loss_sum: torch.Tensor,
+) -> tuple[dict[str, float], int | None]:
+    """One optimizer step per global batch; evaluation and a checkpoint at each epoch end.
+
+    Returns the last evaluation and the signal that stopped the run, if one did.
+    """
     train_loader, sampler, test_loader = loaders
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    step, start_time, result = 0, time.perf_counter(), {}
-    for epoch in range(config.epochs):
-        sampler.set_epoch(epoch)
-        epoch_start, loss_sum, batches = time.perf_counter(), torch.zeros((), device=accelerator.device), 0
-        progress = tqdm(
-            train_loader,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not accelerator.is_main_process,
-            leave=False,
-        )
-        for images, labels in progress:
+    stop_request = StopRequest()
+    start_time, result = time.perf_counter(), {}
+    checkpoint_args = (run_dir, accelerator, model, optimizer, scheduler, sampler, progress)
+    for epoch in range(progress.epoch, config.epochs):
+        sampler.set_epoch(epoch, progress.position)
+        epoch_start, first_position = time.perf_counter(), progress.position
+        stopping = False
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not accelerator.is_main_process)
+        for images, labels in bar:
             images = images.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
             with accelerator.autocast():
@@ -192,69 +323,99 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().float()
-            batches += 1
-            step += 1
-            if config.max_steps is not None and step >= config.max_steps:
+            progress.position += 1
+            progress.step += 1
+            stopping = progress.step == config.max_steps or stop_request.agreed(accelerator)
+            epoch_done = progress.position == len(sampler)
+            periodic = config.checkpoint_every and progress.step % config.checkpoint_every == 0
+            if not epoch_done and (stopping or periodic):
+                save_checkpoint(*checkpoint_args, loss_sum, config)
+            if stopping:
                 break
-        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1)
+        bar.close()
+        if stop_request.signal is not None and progress.position < len(sampler):
+            return result, stop_request.signal
+        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(progress.position, 1)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
         result = evaluate(model, test_loader, accelerator)
         seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch + 1,
-            "step": step,
+            "step": progress.step,
             "train_loss": train_loss,
             **result,
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": batches * config.batch_size / seconds,
+            "images_per_s": (progress.position - first_position) * config.batch_size / seconds,
             "elapsed_s": time.perf_counter() - start_time,
         }
         if accelerator.is_main_process:
             metrics.append(record)
         accelerator.print(
-            f"epoch {epoch + 1}/{config.epochs}  step {step}  train loss {train_loss:.4f}  "
+            f"epoch {epoch + 1}/{config.epochs}  step {progress.step}  train loss {train_loss:.4f}  "
             f"test acc {result['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s"
         )
-        if config.max_steps is not None and step >= config.max_steps:
-            break
-    return result
+        if progress.position < len(sampler):
+            break  # stopped by --max-steps inside the epoch: its checkpoint is already written
+        progress.records.append(record)
+        progress.epoch, progress.position = epoch + 1, 0
+        loss_sum.zero_()
+        save_checkpoint(*checkpoint_args, loss_sum, config, test_accuracy=result["test_accuracy"])
+        if stopping:
+            return result, stop_request.signal
+    return result, None
 
 
 def save(
     config: TrainConfig,
-    output_dir: Path,
+    run_dir: Path,
     accelerator: Accelerator,
     model: nn.Module,
     seeds: SeedPlan,
     determinism: dict,
     splits: Splits,
     result: dict[str, float],
+    progress: Progress,
 ) -> None:
-    """Write the final weights and the manifest (main process only)."""
-    state = {
-        name: tensor.detach().cpu().contiguous()
-        for name, tensor in accelerator.unwrap_model(model).state_dict().items()
-    }
+    """Write the final weights, the manifest and the training curves (main process only)."""
+    model_state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     if not accelerator.is_main_process:
         return
-    save_file(state, output_dir / "model.safetensors")
+    save_file(model_state, run_dir / "model.safetensors")
     manifest = {
         "format": "repro.manifest",
         "version": 1,
         "seed": config.seed,
         "seeds": seeds.as_dict(),
         "world_size": accelerator.num_processes,
+        "step": progress.step,
         "test_accuracy": result["test_accuracy"],
         "test_loss": result["test_loss"],
-        "weights_sha256": state_dict_sha256(state),
+        "test_images": result["test_images"],
+        "weights_sha256": state_dict_sha256(model_state),
         "determinism": determinism,
         "python_hash_seed": os.environ.get("PYTHONHASHSEED"),
         "dataset_sha256": splits.fingerprint(),
         "environment": environment_fingerprint(accelerator.num_processes, REPO),
         "config": config_to_dict(config),
     }
-    write_json(output_dir / "manifest.json", manifest)
+    write_json(run_dir / "manifest.json", manifest)
+    if progress.records:
+        plot_curves(progress.records, run_dir / "curves.png")
+
+
+def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
+    """Check the run folder on every rank (read-only), then create or clean it on the main process."""
+    run_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+    check_output_dir(run_dir, config)
+    if accelerator.is_main_process:
+        if config.overwrite and (run_dir / "config.yaml").exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoint.remove_stale_staging(run_dir):
+            accelerator.print(f"removed {stale}, a checkpoint interrupted while being written")
+    accelerator.wait_for_everyone()
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,26 +425,34 @@ def main(argv: list[str] | None = None) -> int:
     seeds = SeedPlan(config.seed, config.model_seed, config.order_seed, config.aug_seed)
     seed_everything(config.seed, accelerator.process_index)
 
-    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
-    check_output_dir(output_dir, config)
+    run_dir = prepare_run_dir(config, accelerator)
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
     loaders = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds)
     optimizer, scheduler = build_optimizer(config, model, len(loaders[1]))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    metrics = MetricsLog(output_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    progress, loss_sum = resume(config, run_dir, accelerator, model, optimizer, scheduler, loaders[1], metrics)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_config(output_dir, config)
-        metrics.reset()
+        write_config(run_dir, config)
+        if progress.step == 0:
+            metrics.rewrite([])
     accelerator.wait_for_everyone()
 
-    result = train(config, accelerator, model, optimizer, scheduler, loaders, metrics)
-    save(config, output_dir, accelerator, model, seeds, determinism, splits, result)
+    result, stopped_by = train(
+        config, run_dir, accelerator, model, optimizer, scheduler, loaders, metrics, progress, loss_sum
+    )
+    if stopped_by is not None:
+        accelerator.print(
+            f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint written; "
+            f"continue with --resume latest --output-dir {run_dir}"
+        )
+        return 128 + stopped_by
+    save(config, run_dir, accelerator, model, seeds, determinism, splits, result, progress)
     accelerator.wait_for_everyone()
     accelerator.print(f"final test accuracy {result['test_accuracy']:.2%}")
-    accelerator.print(f"run folder: {output_dir}")
+    accelerator.print(f"run folder: {run_dir}")
     accelerator.end_training()
     return 0
 
@@ -291,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, UsageError) as error:
+    except (ConfigError, DataError, UsageError, checkpoint.CheckpointError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:

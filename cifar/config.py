@@ -67,9 +67,31 @@ class TrainConfig:
         None, "stop cleanly after this many optimizer steps; changes neither the schedule nor the data order"
     )
 
-    # Output.
+    # Output and fault tolerance.
     output_dir: str | None = _field(None, "run folder; default runs/<dataset>-<model>-seed<seed>")
     overwrite: bool = _field(False, "replace an output folder that holds another run")
+    checkpoint_every: int = _field(0, "also checkpoint every N optimizer steps (0: at epoch ends only)")
+    keep_checkpoints: int = _field(3, "newest checkpoints kept, besides the best by test accuracy")
+    resume: str | None = _field(
+        None, "latest (error if none), auto (resume if a checkpoint exists, else start), or a checkpoint folder"
+    )
+
+
+# Keys that may differ between a run and its resumption, or between two
+# invocations that write one run folder: they change neither the trajectory nor
+# the result (num_workers does not: augmentation is seeded per sample).
+RUN_CONTROL_KEYS = frozenset(
+    {
+        "output_dir",
+        "overwrite",
+        "resume",
+        "max_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "num_workers",
+        "data_dir",
+    }
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,8 +185,10 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ConfigError(f"max_steps must be positive, got {config.max_steps}")
-    if config.num_workers < 0 or config.cutout < 0:
-        raise ConfigError("num_workers and cutout must not be negative")
+    if config.num_workers < 0 or config.cutout < 0 or config.checkpoint_every < 0:
+        raise ConfigError("num_workers, cutout and checkpoint_every must not be negative")
+    if config.keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints must be at least 1, got {config.keep_checkpoints}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.lr <= 0 or config.warmup_epochs < 0 or config.weight_decay < 0:
@@ -214,6 +238,13 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """The resolved config as a plain dict, in field order."""
     return dataclasses.asdict(config)
+
+
+def config_differences(previous: dict[str, Any], current: TrainConfig) -> list[str]:
+    """The keys, other than run-control keys, whose values differ: ``key: old -> new``."""
+    now = config_to_dict(current)
+    keys = sorted((set(previous) | set(now)) - RUN_CONTROL_KEYS)
+    return [f"{key}: {previous.get(key)!r} -> {now.get(key)!r}" for key in keys if previous.get(key) != now.get(key)]
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cifar.config import ConfigError, TrainConfig, config_to_dict, load_yaml
+from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, load_yaml
 
 
 def default_output_dir(config: TrainConfig) -> Path:
@@ -39,11 +39,11 @@ def write_atomic(path: Path, text: str) -> None:
 def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
     """Refuse a folder that already holds a different run, unless ``--overwrite``.
 
-    A folder holding the same resolved config is the same run: it may be
-    written again.
+    A folder holding the same resolved config (up to run-control keys such as
+    ``num_workers``) is the same run: it may be written again, and resumed.
     """
     config_file = output_dir / "config.yaml"
-    if config.overwrite or not output_dir.exists():
+    if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise ConfigError(f"output path {output_dir} exists and is not a folder")
@@ -53,13 +53,18 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
         raise ConfigError(
             f"output folder {output_dir} is not empty and holds no run; choose another or pass --overwrite"
         )
-    previous = load_yaml(config_file)
-    current = config_to_dict(config)
-    changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
+    if config.overwrite:
+        return
+    if config.resume is None and (output_dir / "checkpoints").exists():
+        raise ConfigError(
+            f"output folder {output_dir} holds checkpoints of this run; continue it with --resume auto, "
+            "or start again with --overwrite"
+        )
+    changed = config_differences(load_yaml(config_file), config)
     if changed:
         raise ConfigError(
-            f"output folder {output_dir} holds a different run (differs in {', '.join(changed)}); "
-            "choose another --output-dir or pass --overwrite"
+            f"output folder {output_dir} holds a different run ({'; '.join(changed)}); "
+            "choose another --output-dir, or pass --overwrite"
         )
 
 
@@ -77,8 +82,9 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file with ``records``: a resumed run drops lines logged after its checkpoint."""
+        write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in records))
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as file:

@@ -23,5 +23,11 @@ def test_dockerfile_lints_clean():
 
 def test_dockerfile_sets_what_reproducibility_needs():
     text = (REPO / "Dockerfile").read_text()
-    for needed in ("ARG BASE_IMAGE=", "PYTHONHASHSEED=0", "CUBLAS_WORKSPACE_CONFIG=:4096:8", "USER 1000", "requirements.txt"):
+    for needed in (
+        "ARG BASE_IMAGE=",
+        "PYTHONHASHSEED=0",
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8",
+        "USER 1000",
+        "requirements.txt",
+    ):
         assert needed in text, needed

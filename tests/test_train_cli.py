@@ -91,7 +91,7 @@ def test_output_folder_of_another_run_is_refused_unless_overwrite(reference_run)
     before = (reference_run / "manifest.json").read_bytes()
     result = run_train(*TINY, "--output-dir", str(reference_run), "--seed", "7")
     assert result.returncode == 2
-    assert "holds a different run (differs in seed)" in result.stderr
+    assert "holds a different run (seed: 2333 -> 7)" in result.stderr
     assert (reference_run / "manifest.json").read_bytes() == before
 
 

@@ -1,0 +1,28 @@
+"""The training curves of a run as a PNG: loss and test accuracy by epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in containers
+import matplotlib.pyplot as plt
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Write ``path`` (PNG) from the metrics records of a run."""
+    epochs = [r["epoch"] for r in records]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_axis.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
+    loss_axis.plot(epochs, [r["test_loss"] for r in records], marker="o", label="test")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    loss_axis.legend()
+    accuracy_axis.plot(epochs, [100 * r["test_accuracy"] for r in records], marker="o", color="tab:green")
+    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
