@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
 from repro.rng import capture_rng_state, restore_rng_state
 from repro.seeding import seed_everything
 from repro.seeds import SeedPlan
+from repro.trace import StepTracer
 from repro.weights import state_dict_sha256
 
 REPO = Path(__file__).resolve().parent
@@ -298,6 +299,7 @@ def train(
     metrics: MetricsLog,
     progress: Progress,
     loss_sum: torch.Tensor,
+    tracer: StepTracer | None,
 ) -> tuple[dict[str, float], int | None]:
     """One optimizer step per global batch; evaluation and a checkpoint at each epoch end.
 
@@ -325,6 +327,8 @@ def train(
             loss_sum += loss.detach().float()
             progress.position += 1
             progress.step += 1
+            if tracer is not None:
+                tracer.record(progress.step, loss.item(), accelerator.unwrap_model(model))
             stopping = progress.step == config.max_steps or stop_request.agreed(accelerator)
             epoch_done = progress.position == len(sampler)
             periodic = config.checkpoint_every and progress.step % config.checkpoint_every == 0
@@ -425,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = SeedPlan(config.seed, config.model_seed, config.order_seed, config.aug_seed)
     seed_everything(config.seed, accelerator.process_index)
 
+    tracer = StepTracer.from_environment(accelerator.process_index)
+    if tracer is not None:  # under `python -m repro verify`: a short run in the verifier's folder
+        config = replace(config, output_dir=str(tracer.run_dir), max_steps=tracer.steps, overwrite=True, resume=None)
     run_dir = prepare_run_dir(config, accelerator)
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
     loaders = build_loaders(config, splits, seeds, accelerator)
@@ -441,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
 
     result, stopped_by = train(
-        config, run_dir, accelerator, model, optimizer, scheduler, loaders, metrics, progress, loss_sum
+        config, run_dir, accelerator, model, optimizer, scheduler, loaders, metrics, progress, loss_sum, tracer
     )
     if stopped_by is not None:
         accelerator.print(

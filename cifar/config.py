@@ -131,6 +131,12 @@ def coerce(key: str, value: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
         return value
+    if base is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where 5e-4 (no dot) is a string, not a float.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[base]
     # bool is an int subclass: `epochs: true` must not pass as 1.
     if isinstance(value, accepted) and (base is bool or not isinstance(value, bool)):

@@ -13,6 +13,7 @@ Each concern lives in its own module:
 - :mod:`repro.fingerprint`: the environment fingerprint and its comparison
 - :mod:`repro.audit`: modules with no deterministic CUDA implementation
 - :mod:`repro.weights`: hashes of model weights
+- :mod:`repro.trace`: per-step traces for the run-twice verifier
 
 Names are imported lazily, so ``import repro`` is instant and
 ``repro.hashseed`` can run before torch is imported.
@@ -49,6 +50,7 @@ _EXPORTS = {
     "audit_model": "repro.audit",
     "state_dict_sha256": "repro.weights",
     "tensor_digests": "repro.weights",
+    "StepTracer": "repro.trace",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -1,0 +1,40 @@
+"""The config schema: YAML, then flags; unknown keys and wrong types named."""
+
+from __future__ import annotations
+
+import pytest
+
+from cifar.config import ConfigError, config_differences, parse_config
+
+
+def test_yaml_fills_and_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nlr: 5e-4\noverwrite: true\nmodel_seed: 7\n")
+    config = parse_config(["--config", str(path), "--epochs", "4", "--no-overwrite"])
+    assert (config.epochs, config.lr, config.overwrite, config.model_seed) == (4, 5e-4, False, 7)
+    assert parse_config(["--model-seed", "none"]).model_seed is None
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("epochs: true\n", "'epochs' must be int"),
+        ("batch_size: 12.5\n", "'batch_size' must be int"),
+        ("model: vgg\n", "'model' must be one of"),
+        ("- a list\n", "must hold a mapping"),
+        ("epochs: [1\n", "is not valid YAML"),
+        ("seed: null\n", "'seed' cannot be empty"),
+    ],
+)
+def test_bad_yaml_values_are_named(tmp_path, yaml_text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--config", str(path)])
+
+
+def test_run_control_keys_do_not_make_a_different_run():
+    base = parse_config([])
+    previous = {**vars(base), "num_workers": 7, "resume": "auto", "max_steps": 3}
+    assert config_differences(previous, base) == []
+    assert config_differences({**vars(base), "lr": 1.0}, base) == [f"lr: 1.0 -> {base.lr!r}"]

@@ -1,0 +1,85 @@
+"""Real multi-process runs: two processes over gloo through `accelerate launch`, and two "nodes" on one machine."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY, clean_env, read_manifest, read_metrics
+from test_resume import assert_same_run
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+CPU_GLOO = str(REPO / "configs" / "accelerate" / "cpu_gloo.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_processes(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [ACCELERATE, "launch", "--config_file", CPU_GLOO, "--main_process_port", str(free_port())]
+    result = subprocess.run(
+        [*command, str(REPO / "train.py"), *TINY, "--output-dir", str(run_dir), *args],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    launch_two_processes(run_dir)
+    return run_dir
+
+
+def test_two_processes_form_one_group_and_write_one_run(two_process_run):
+    manifest = read_manifest(two_process_run)
+    assert manifest["world_size"] == 2
+    assert len(read_metrics(two_process_run)) == 2  # one line per epoch, not one per process
+    assert sorted(p.name for p in two_process_run.parent.iterdir()) == ["run"]
+
+
+def test_every_test_image_counts_once(two_process_run):
+    assert read_manifest(two_process_run)["test_images"] == 128
+    assert all(row["test_images"] == 128 for row in read_metrics(two_process_run))
+
+
+def test_two_process_run_repeats_bitwise(two_process_run, tmp_path):
+    launch_two_processes(tmp_path / "again")
+    assert read_manifest(tmp_path / "again")["weights_sha256"] == read_manifest(two_process_run)["weights_sha256"]
+
+
+def test_two_process_run_resumes_bitwise(two_process_run, tmp_path):
+    run_dir = tmp_path / "run"
+    launch_two_processes(run_dir, "--max-steps", "5")
+    launch_two_processes(run_dir, "--resume", "latest")
+    assert_same_run(run_dir, two_process_run)
+
+
+def test_two_nodes_on_one_machine_match_one_launcher(two_process_run, tmp_path):
+    port = str(free_port())
+    launchers = []
+    for machine_rank in ("0", "1"):
+        command = [
+            ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+            "--machine_rank", machine_rank, "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+            str(REPO / "train.py"), *TINY, "--output-dir", str(tmp_path / "run"),
+        ]  # fmt: skip
+        launchers.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert read_manifest(tmp_path / "run")["weights_sha256"] == read_manifest(two_process_run)["weights_sha256"]

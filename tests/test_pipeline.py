@@ -1,0 +1,85 @@
+"""Pipeline features: image folders, offline CIFAR, curves, NaN detection, evaluation sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY, run_train, train_ok
+from PIL import Image
+
+IMAGEFOLDER = ["--dataset", "imagefolder", "--model", "small_cnn", "--epochs", "1", "--batch-size", "8",
+               "--num-workers", "0", "--lr", "0.05"]  # fmt: skip
+
+
+def make_folder(root, classes=("cat", "dog"), per_class=8, size=32):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 64, (size, size, 3)) + 128 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_trains(tmp_path):
+    data = make_folder(tmp_path / "data", size=40)  # not 32x32: resized on load
+    manifest = train_ok(tmp_path / "run", *IMAGEFOLDER, "--data-dir", str(data))
+    assert manifest["test_images"] == 16
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing", "does not exist"),
+        ("no_test", "has no test/ folder"),
+        ("no_images", "no images in"),
+        ("unreadable", "unreadable image"),
+        ("mismatched_classes", "has classes"),
+    ],
+)
+def test_bad_image_folders_get_a_clear_error(tmp_path, breakage, message):
+    data = tmp_path / "data"
+    if breakage != "missing":
+        make_folder(data)
+    if breakage == "no_test":
+        for path in sorted((data / "test").rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        (data / "test").rmdir()
+    elif breakage == "no_images":
+        for path in (data / "train" / "cat").iterdir():
+            path.unlink()
+        for path in (data / "train" / "dog").iterdir():
+            path.unlink()
+    elif breakage == "unreadable":
+        (data / "train" / "cat" / "0.png").write_bytes(b"not an image")
+    elif breakage == "mismatched_classes":
+        (data / "test" / "dog").rename(data / "test" / "bird")
+    result = run_train(*IMAGEFOLDER, "--data-dir", str(data), "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and str(data) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cifar10_offline_names_the_ways_out(tmp_path):
+    result = run_train(
+        "--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"), "--model", "small_cnn",
+        "--output-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--data-dir" in result.stderr and "--dataset synthetic" in result.stderr
+
+
+def test_curves_png_is_a_valid_image(reference_run):
+    with Image.open(reference_run / "curves.png") as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_diverging_loss_stops_with_a_clear_message(tmp_path):
+    result = run_train(*TINY, "--lr", "1e12", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "training loss became nan" in result.stderr or "training loss became inf" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()

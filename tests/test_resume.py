@@ -1,0 +1,162 @@
+"""Exact resume: stopped anywhere (--max-steps, SIGTERM, kill -9), resumed bitwise; bad checkpoints refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("images_per_s", "elapsed_s")} for row in rows]
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert read_manifest(run_dir)["weights_sha256"] == read_manifest(reference)["weights_sha256"]
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(reference))
+
+
+def test_stop_mid_epoch_with_max_steps_then_resume_latest(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    stopped = train_ok(run_dir, "--max-steps", "5")  # epoch 1 has 8 steps
+    assert stopped["step"] == 5
+    assert stopped["weights_sha256"] != read_manifest(reference_run)["weights_sha256"]
+    train_ok(run_dir, "--resume", "latest")
+    assert_same_run(run_dir, reference_run)
+
+
+def test_resume_with_workers_gives_the_same_weights(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    train_ok(run_dir, "--max-steps", "11", "--num-workers", "2")
+    train_ok(run_dir, "--resume", "latest", "--num-workers", "2")
+    assert_same_run(run_dir, reference_run)
+
+
+def start_training(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *TINY, "--output-dir", str(run_dir), *args],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((run_dir / "checkpoints").glob("step-*")):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_kill_9_at_random_moments_then_resume_auto(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    rng = random.Random()
+    for _ in range(2):
+        process = start_training(run_dir, "--checkpoint-every", "1", "--resume", "auto")
+        wait_for_checkpoint(run_dir, process)
+        # Writing a checkpoint takes most of each step, so most kills land inside one.
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--checkpoint-every", "1", "--resume", "auto")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert_same_run(run_dir, reference_run)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_checkpoints_within_a_step_and_resume_matches(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, "--checkpoint-every", "3")
+    wait_for_checkpoint(run_dir, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "stopped by SIGTERM at step" in output
+    step = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert (run_dir / "checkpoints" / f"step-{step:08d}").is_dir()
+    train_ok(run_dir, "--resume", "latest", "--checkpoint-every", "3")
+    assert_same_run(run_dir, reference_run)
+
+
+def stopped_run(tmp_path: Path) -> tuple[Path, list[Path]]:
+    run_dir = tmp_path / "run"
+    train_ok(run_dir, "--max-steps", "11", "--checkpoint-every", "2", "--keep-checkpoints", "5")
+    return run_dir, sorted((run_dir / "checkpoints").glob("step-*"))
+
+
+def test_corrupt_checkpoint_is_refused_and_auto_falls_back(reference_run, tmp_path):
+    run_dir, checkpoints = stopped_run(tmp_path)
+    newest = checkpoints[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "latest")
+    assert result.returncode == 2
+    assert f"{newest}: model.safetensors is corrupt" in result.stderr and "Traceback" not in result.stderr
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipping checkpoint {newest}: model.safetensors is corrupt" in result.stdout
+    assert_same_run(run_dir, reference_run)
+
+
+def test_incompatible_format_and_changed_config_are_refused(tmp_path):
+    run_dir, checkpoints = stopped_run(tmp_path)
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "latest", "--lr", "0.1")
+    assert result.returncode == 2
+    assert "lr: 0.05 -> 0.1" in result.stderr
+    state_file = checkpoints[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "version": 99}))
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", str(checkpoints[-1]))
+    assert result.returncode == 2
+    assert "has format version 99; this code reads version 1" in result.stderr
+
+
+class CreatesMarker:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_in_a_checkpoint_never_runs(tmp_path):
+    run_dir, checkpoints = stopped_run(tmp_path)
+    marker = tmp_path / "pwned"
+    optimizer_file = checkpoints[-1] / "optimizer.pt"
+    optimizer_file.write_bytes(pickle.dumps({"state": CreatesMarker(marker)}))
+    # Make the hash match, so that it is the loader, not the integrity check, that refuses it.
+    state_file = checkpoints[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    import hashlib
+
+    state["files"]["optimizer.pt"] = hashlib.sha256(optimizer_file.read_bytes()).hexdigest()
+    state_file.write_text(json.dumps(state))
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "latest")
+    assert result.returncode == 2
+    assert "optimizer.pt is not a plain tensor file and was not loaded" in result.stderr
+    assert not marker.exists()
+
+
+def test_yaml_tag_in_a_config_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'epochs: !!python/object/apply:os.system ["touch {marker}"]\n')
+    result = run_train(*TINY, "--config", str(config), "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "is not valid YAML" in result.stderr
+    assert not marker.exists()
+
+
+def test_resume_latest_without_checkpoint_is_an_error(tmp_path):
+    result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), "--resume", "latest")
+    assert result.returncode == 2 and "--resume latest: no checkpoint in" in result.stderr
