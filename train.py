@@ -14,6 +14,8 @@ import repro.hashseed
 # it set now, before the heavy imports below make the re-execution expensive.
 repro.hashseed.ensure_hash_seed()
 
+import contextlib
+import importlib.util
 import math
 import os
 import shutil
@@ -40,7 +42,7 @@ from cifar.plots import plot_curves
 from repro.audit import audit_model
 from repro.augment import SeededAugmentation
 from repro.determinism import configure_determinism
-from repro.distributed import launcher_world_size
+from repro.distributed import get_rank, launcher_world_size
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
 from repro.rng import capture_rng_state, restore_rng_state
@@ -56,11 +58,17 @@ class UsageError(Exception):
     """A mistake in how the run was started: one line on stderr, exit status 2."""
 
 
-def setup_distributed(config: TrainConfig) -> Accelerator:
+def setup_distributed(config: TrainConfig, run_dir: Path) -> Accelerator:
     """Create the Accelerator; refuse processes that each believe they are alone."""
-    # Without cpu=True on a machine without CUDA, `accelerate launch --multi_gpu`
-    # starts processes that each see a world of one and write the same folder.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        # Without cpu=True on a machine without CUDA, `accelerate launch --multi_gpu`
+        # starts processes that each see a world of one and write the same folder.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.mixed_precision,
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=run_dir if tensorboard else None,
+    )
     declared = launcher_world_size()
     if declared is not None and declared != accelerator.num_processes:
         raise UsageError(
@@ -68,10 +76,14 @@ def setup_distributed(config: TrainConfig) -> Accelerator:
             f"{accelerator.num_processes}; on a CPU-only machine use "
             "`accelerate launch --config_file configs/accelerate/cpu_gloo.yaml`"
         )
-    if config.batch_size % accelerator.num_processes:
+    per_process, remainder = divmod(config.batch_size, accelerator.num_processes)
+    if remainder or per_process % config.grad_accum_steps:
         raise UsageError(
-            f"--batch-size {config.batch_size} (global) must divide evenly over {accelerator.num_processes} processes"
+            f"--batch-size {config.batch_size} (global) must split evenly over {accelerator.num_processes} "
+            f"processes and then into {config.grad_accum_steps} accumulation chunks"
         )
+    if config.sync_bn and accelerator.num_processes > 1 and accelerator.device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU")
     return accelerator
 
 
@@ -105,7 +117,7 @@ def build_loaders(
     return train_loader, sampler, test_loader
 
 
-def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan) -> nn.Module:
+def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accelerator: Accelerator) -> nn.Module:
     """Initialise the weights from the model stream: identical on every rank,
     without touching the runtime stream (dropout) of this process."""
     with torch.random.fork_rng(devices=[]):
@@ -115,7 +127,24 @@ def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan) -> nn.
         findings = audit_model(model)
         if findings:
             raise UsageError("model has no deterministic CUDA implementation: " + "; ".join(map(str, findings)))
-    return model
+    if config.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last(config, accelerator):
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if config.compile else model
+
+
+def channels_last(config: TrainConfig, accelerator: Accelerator) -> bool:
+    return config.channels_last and accelerator.device.type == "cuda"
+
+
+def to_device(
+    images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, accelerator: Accelerator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to the device, in the model's memory layout."""
+    memory_format = torch.channels_last if channels_last(config, accelerator) else torch.contiguous_format
+    images = images.to(accelerator.device, non_blocking=True).contiguous(memory_format=memory_format)
+    return images, labels.to(accelerator.device, non_blocking=True)
 
 
 def build_optimizer(
@@ -146,12 +175,12 @@ def build_optimizer(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, config: TrainConfig, accelerator: Accelerator) -> dict[str, float]:
     """Test loss and accuracy over the whole test set, each image counted once."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for images, labels in loader:
-        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+        images, labels = to_device(images, labels, config, accelerator)
         with accelerator.autocast():
             logits = model(images)
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
@@ -288,6 +317,28 @@ def resume(
     return progress, loss_sum
 
 
+def training_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: nn.Module,
+    config: TrainConfig,
+    accelerator: Accelerator,
+) -> torch.Tensor:
+    """Forward and backward over this process's batch, in `grad_accum_steps` chunks;
+    gradients are all-reduced once, after the last chunk. Returns the mean loss."""
+    images, labels = to_device(images, labels, config, accelerator)
+    chunks = config.grad_accum_steps
+    total = torch.zeros((), device=accelerator.device)
+    for index, (image_chunk, label_chunk) in enumerate(zip(images.chunk(chunks), labels.chunk(chunks), strict=True)):
+        last = index == chunks - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            loss = criterion(model(image_chunk), label_chunk) / chunks
+        accelerator.backward(loss)
+        total += loss.detach().float()
+    return total
+
+
 def train(
     config: TrainConfig,
     run_dir: Path,
@@ -316,15 +367,11 @@ def train(
         stopping = False
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not accelerator.is_main_process)
         for images, labels in bar:
-            images = images.to(accelerator.device, non_blocking=True)
-            labels = labels.to(accelerator.device, non_blocking=True)
-            with accelerator.autocast():
-                loss = criterion(model(images), labels)
-            accelerator.backward(loss)
+            loss = training_step(model, images, labels, criterion, config, accelerator)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
+            loss_sum += loss
             progress.position += 1
             progress.step += 1
             if tracer is not None:
@@ -342,7 +389,7 @@ def train(
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(progress.position, 1)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
-        result = evaluate(model, test_loader, accelerator)
+        result = evaluate(model, test_loader, config, accelerator)
         seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch + 1,
@@ -355,6 +402,7 @@ def train(
         }
         if accelerator.is_main_process:
             metrics.append(record)
+        accelerator.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
         accelerator.print(
             f"epoch {epoch + 1}/{config.epochs}  step {progress.step}  train loss {train_loss:.4f}  "
             f"test acc {result['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s"
@@ -408,9 +456,13 @@ def save(
         plot_curves(progress.records, run_dir / "curves.png")
 
 
+def run_dir_of(config: TrainConfig) -> Path:
+    return Path(config.output_dir) if config.output_dir else default_output_dir(config)
+
+
 def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
     """Check the run folder on every rank (read-only), then create or clean it on the main process."""
-    run_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+    run_dir = run_dir_of(config)
     check_output_dir(run_dir, config)
     if accelerator.is_main_process:
         if config.overwrite and (run_dir / "config.yaml").exists():
@@ -424,18 +476,18 @@ def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    tracer = StepTracer.from_environment(get_rank())
+    if tracer is not None:  # under `python -m repro verify`: a short run in the verifier's folder
+        config = replace(config, output_dir=str(tracer.run_dir), max_steps=tracer.steps, overwrite=True, resume=None)
     determinism = configure_determinism(config.determinism)
-    accelerator = setup_distributed(config)
+    accelerator = setup_distributed(config, run_dir_of(config))
     seeds = SeedPlan(config.seed, config.model_seed, config.order_seed, config.aug_seed)
     seed_everything(config.seed, accelerator.process_index)
 
-    tracer = StepTracer.from_environment(accelerator.process_index)
-    if tracer is not None:  # under `python -m repro verify`: a short run in the verifier's folder
-        config = replace(config, output_dir=str(tracer.run_dir), max_steps=tracer.steps, overwrite=True, resume=None)
     run_dir = prepare_run_dir(config, accelerator)
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
     loaders = build_loaders(config, splits, seeds, accelerator)
-    model = build_model_for(config, splits, seeds)
+    model = build_model_for(config, splits, seeds, accelerator)
     optimizer, scheduler = build_optimizer(config, model, len(loaders[1]))
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -445,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         write_config(run_dir, config)
         if progress.step == 0:
             metrics.rewrite([])
+    accelerator.init_trackers("tensorboard")
     accelerator.wait_for_everyone()
 
     result, stopped_by = train(

@@ -63,6 +63,13 @@ class TrainConfig:
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing, 0 to 1")
     warmup_epochs: float = _field(1.0, "epochs of linear warm-up from 0 to --lr")
     schedule: Literal["cosine", "onecycle"] = _field("cosine", "decay after warm-up: cosine to 0, or linear to 0")
+    grad_accum_steps: int = _field(
+        1, "split each process's batch into this many chunks, one backward each, for one optimizer step"
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = _field("no", "autocast precision; fp16 adds a loss scaler")
+    channels_last: bool = _field(True, "NHWC memory layout on CUDA (faster convolutions); ignored on the CPU")
+    sync_bn: bool = _field(False, "synchronise BatchNorm statistics across processes (needs CUDA)")
+    compile: bool = _field(False, "torch.compile the model")
     max_steps: int | None = _field(
         None, "stop cleanly after this many optimizer steps; changes neither the schedule nor the data order"
     )
@@ -197,6 +204,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"keep_checkpoints must be at least 1, got {config.keep_checkpoints}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    if config.grad_accum_steps < 1:
+        raise ConfigError(f"grad_accum_steps must be positive, got {config.grad_accum_steps}")
     if config.lr <= 0 or config.warmup_epochs < 0 or config.weight_decay < 0:
         raise ConfigError("lr must be positive; warmup_epochs and weight_decay must not be negative")
     return config

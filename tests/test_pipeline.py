@@ -83,3 +83,23 @@ def test_diverging_loss_stops_with_a_clear_message(tmp_path):
     assert "training loss became nan" in result.stderr or "training loss became inf" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_gradient_accumulation_and_bf16_repeat_bitwise(reference_run, tmp_path):
+    accumulated = [train_ok(tmp_path / f"accum{i}", "--grad-accum-steps", "2") for i in range(2)]
+    assert accumulated[0]["weights_sha256"] == accumulated[1]["weights_sha256"]
+    # BatchNorm sees half batches, so accumulation really changed the computation.
+    reference = (reference_run / "manifest.json").read_text()
+    assert accumulated[0]["weights_sha256"] not in reference
+    bf16 = [train_ok(tmp_path / f"bf16{i}", "--mixed-precision", "bf16", "--max-steps", "4") for i in range(2)]
+    assert bf16[0]["weights_sha256"] == bf16[1]["weights_sha256"]
+    assert bf16[0]["config"]["mixed_precision"] == "bf16"
+
+
+def test_batch_that_does_not_split_into_chunks_is_a_usage_error(tmp_path):
+    result = run_train(*TINY, "--grad-accum-steps", "3", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "accumulation chunks" in result.stderr
+
+
+def test_tensorboard_events_are_written_when_installed(reference_run):
+    assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
