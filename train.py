@@ -93,9 +93,8 @@ def build_loaders(
     """The training loader draws its order and augmentation from the seed plan alone;
     the test loader evaluates this rank's share of the test set, each image once."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    sampler = GlobalBatchSampler(
-        len(splits.train), config.batch_size, seeds.order_seed or seeds.seed, rank=rank, world_size=world_size
-    )
+    order_seed = config.seed if config.order_seed is None else config.order_seed
+    sampler = GlobalBatchSampler(len(splits.train), config.batch_size, order_seed, rank=rank, world_size=world_size)
     train_set = SeededAugmentation(splits.train, train_transform(splits, config.cutout), seeds)
     common = {
         "num_workers": config.num_workers,

@@ -104,3 +104,13 @@ def test_import_repro_needs_neither_accelerate_nor_torchvision():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_stream_overrides_reach_the_streams_they_name(reference_run, tmp_path):
+    # The shipped models draw nothing at run time (no dropout), so a run whose model, order and
+    # augmentation streams all come from 2333 equals the seed-2333 run, whatever its own seed.
+    overrides = ["--model-seed", "2333", "--order-seed", "2333", "--aug-seed", "2333"]
+    manifest = train_ok(tmp_path / "overridden", "--seed", "7", *overrides)
+    assert manifest["weights_sha256"] == read_manifest(reference_run)["weights_sha256"]
+    manifest = train_ok(tmp_path / "order_only", "--order-seed", "0")
+    assert manifest["weights_sha256"] != read_manifest(reference_run)["weights_sha256"]
