@@ -61,14 +61,17 @@ class UsageError(Exception):
 def setup_distributed(config: TrainConfig, run_dir: Path) -> Accelerator:
     """Create the Accelerator; refuse processes that each believe they are alone."""
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    accelerator = Accelerator(
-        # Without cpu=True on a machine without CUDA, `accelerate launch --multi_gpu`
-        # starts processes that each see a world of one and write the same folder.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
-        log_with="tensorboard" if tensorboard else None,
-        project_dir=run_dir if tensorboard else None,
-    )
+    try:
+        accelerator = Accelerator(
+            # Without cpu=True on a machine without CUDA, `accelerate launch --multi_gpu`
+            # starts processes that each see a world of one and write the same folder.
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            log_with="tensorboard" if tensorboard else None,
+            project_dir=run_dir if tensorboard else None,
+        )
+    except ValueError as error:  # accelerate's word on launcher variables that do not fit together
+        raise UsageError(f"cannot form the process group: {error}") from None
     declared = launcher_world_size()
     if declared is not None and declared != accelerator.num_processes:
         raise UsageError(

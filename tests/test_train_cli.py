@@ -114,3 +114,10 @@ def test_stream_overrides_reach_the_streams_they_name(reference_run, tmp_path):
     assert manifest["weights_sha256"] == read_manifest(reference_run)["weights_sha256"]
     manifest = train_ok(tmp_path / "order_only", "--order-seed", "0")
     assert manifest["weights_sha256"] != read_manifest(reference_run)["weights_sha256"]
+
+
+def test_half_configured_launcher_environment_is_a_usage_error(tmp_path):
+    result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), env=clean_env(WORLD_SIZE="2", RANK="0"))
+    assert result.returncode == 2
+    assert "cannot form the process group" in result.stderr and "MASTER_ADDR" in result.stderr
+    assert "Traceback" not in result.stderr
