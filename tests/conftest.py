@@ -55,6 +55,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Metrics rows without the fields that measure speed, which no two runs share."""
+    return [{k: v for k, v in row.items() if k not in ("images_per_s", "elapsed_s")} for row in rows]
+
+
 def train_ok(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> dict:
     """Train a tiny run into ``run_dir`` and return its manifest; fail with its output if it fails."""
     result = run_train(*TINY, "--output-dir", str(run_dir), *args, env=env)

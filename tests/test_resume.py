@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -12,11 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in ("images_per_s", "elapsed_s")} for row in rows]
+from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -138,8 +135,6 @@ def test_pickle_in_a_checkpoint_never_runs(tmp_path):
     # Make the hash match, so that it is the loader, not the integrity check, that refuses it.
     state_file = checkpoints[-1] / "state.json"
     state = json.loads(state_file.read_text())
-    import hashlib
-
     state["files"]["optimizer.pt"] = hashlib.sha256(optimizer_file.read_bytes()).hexdigest()
     state_file.write_text(json.dumps(state))
     result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "latest")

@@ -6,7 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok
+import torch
+from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
+from safetensors.torch import load_file
+
+from cifar.models import build_model
+from repro.weights import state_dict_sha256
 
 
 def test_run_folder_holds_config_metrics_manifest_and_weights(reference_run):
@@ -26,11 +31,6 @@ def test_run_folder_holds_config_metrics_manifest_and_weights(reference_run):
 
 def test_weights_sha256_is_the_hash_of_the_saved_weights(reference_run):
     # safetensors sorts keys on save; the manifest hashes the model's own key order.
-    import torch
-    from safetensors.torch import load_file
-
-    from cifar.models import build_model
-    from repro.weights import state_dict_sha256
 
     order = list(build_model("small_cnn", 10).state_dict())
     saved = load_file(reference_run / "model.safetensors")
@@ -41,8 +41,7 @@ def test_weights_sha256_is_the_hash_of_the_saved_weights(reference_run):
 def test_same_seed_same_weights_and_metrics(reference_run, tmp_path):
     manifest = train_ok(tmp_path / "again")
     assert manifest["weights_sha256"] == read_manifest(reference_run)["weights_sha256"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")} for r in rows]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "again")) == strip(read_metrics(reference_run))
+    assert without_timing(read_metrics(tmp_path / "again")) == without_timing(read_metrics(reference_run))
 
 
 def test_different_seed_different_weights(reference_run, tmp_path):
