@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean docker-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
+
+# Builds the image and runs the demo in it (docker, or podman/buildah without a
+# daemon). Slow and large (the pinned CUDA torch), so not part of `make test`.
+docker-check:
+	bash scripts/docker_check.sh
 
 clean:
 	rm -rf $(VENV) runs
