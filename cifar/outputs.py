@@ -55,16 +55,16 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
         )
     if config.overwrite:
         return
-    if config.resume is None and (output_dir / "checkpoints").exists():
-        raise ConfigError(
-            f"output folder {output_dir} holds checkpoints of this run; continue it with --resume auto, "
-            "or start again with --overwrite"
-        )
     changed = config_differences(load_yaml(config_file), config)
     if changed:
         raise ConfigError(
             f"output folder {output_dir} holds a different run ({'; '.join(changed)}); "
             "choose another --output-dir, or pass --overwrite"
+        )
+    if config.resume is None and (output_dir / "checkpoints").exists():
+        raise ConfigError(
+            f"output folder {output_dir} holds checkpoints of this run; continue it with --resume auto, "
+            "or start again with --overwrite"
         )
 
 

@@ -20,6 +20,7 @@ fixed key, so no two samples of an epoch share a seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ def check_seed(seed: object, name: str = "seed") -> int:
     return int(seed)
 
 
+@functools.lru_cache(maxsize=256)
 def stream_code(stream: str) -> int:
     """Return the stable 32-bit code of a stream name (first 4 bytes of its SHA-256)."""
     if not isinstance(stream, str) or not stream:
@@ -73,7 +75,8 @@ def derive_seed(seed: int, stream: str, *indices: int, bits: int = 64) -> int:
             raise ValueError(f"stream indices must be integers, got {index!r}")
         if not 0 <= int(index) <= MAX_USER_SEED:
             raise ValueError(f"stream indices must be in [0, {MAX_USER_SEED}], got {index}")
-    entropy = [int(seed), stream_code(stream), len(indices), *(int(i) for i in indices)]
+    # A uint32 array is hashed exactly like the list of the same words, and faster.
+    entropy = np.array([seed, stream_code(stream), len(indices), *indices], dtype=np.uint32)
     words = np.random.SeedSequence(entropy).generate_state(bits // 32, dtype=np.uint32)
     value = 0
     for word in words:
