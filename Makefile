@@ -13,8 +13,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
+# Trains the demo, then proves it reproduces: two more runs of its first 10 steps
+# must match bitwise, every parameter and buffer after every step.
 demo: $(VENV)/.installed
 	$(BIN)/python train.py --config configs/demo.yaml --output-dir runs/demo --overwrite
+	$(BIN)/python -m repro verify --steps 10 -- $(BIN)/python train.py --config configs/demo.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
