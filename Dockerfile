@@ -19,6 +19,8 @@ ARG PIP_EXTRA_ARGS=""
 # in, so the run manifest's git_commit is null inside the image).
 ARG GIT_COMMIT=unknown
 LABEL org.opencontainers.image.revision="${GIT_COMMIT}"
+# ...and for the manifest, whose fingerprint falls back on this variable without .git.
+ENV REPRO_GIT_COMMIT=${GIT_COMMIT}
 
 # Interpreter-level determinism: hash order, and cuBLAS's workspace before CUDA starts.
 ENV PYTHONHASHSEED=0 \
@@ -32,8 +34,8 @@ WORKDIR /app
 
 # Requirements first: this multi-GB layer is then rebuilt only when they change.
 # PIP_EXTRA_ARGS is left unquoted so that it splits into separate options.
-COPY requirements.txt ./
-RUN pip install --no-cache-dir ${PIP_EXTRA_ARGS} -r requirements.txt
+COPY requirements.txt constraints.txt ./
+RUN pip install --no-cache-dir ${PIP_EXTRA_ARGS} -r requirements.txt -c constraints.txt
 
 # The code stays root-owned: the training user cannot change what it runs.
 # It is importable through PYTHONPATH rather than `pip install -e .`, which would

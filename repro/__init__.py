@@ -14,6 +14,7 @@ Each concern lives in its own module:
 - :mod:`repro.audit`: modules with no deterministic CUDA implementation
 - :mod:`repro.weights`: hashes of model weights
 - :mod:`repro.trace`: per-step traces for the run-twice verifier
+- :mod:`repro.verify`: ``python -m repro verify / compare / reproduce / env``
 
 Names are imported lazily, so ``import repro`` is instant and
 ``repro.hashseed`` can run before torch is imported.

@@ -3,7 +3,7 @@
 Two runs with the same seed and config give the same weights only on the same
 software and hardware. :func:`environment_fingerprint` records that
 environment (versions of Python, torch, torchvision, accelerate, NumPy, CUDA,
-cuDNN, the GPU model, the world size, the git commit) for the run's manifest;
+cuDNN, the GPU model, the world size, torch's CPU thread count, the git commit) for the run's manifest;
 :func:`compare_fingerprints` lists what differs between two of them, so that a
 resumed or reproduced run can say why bitwise equality is no longer promised.
 """
@@ -11,6 +11,7 @@ resumed or reproduced run can say why bitwise equality is no longer promised.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -28,7 +29,11 @@ def _version(distribution: str) -> str | None:
 
 
 def git_state(path: str | Path = ".") -> dict[str, Any]:
-    """Return ``{"commit": sha or None, "dirty": bool or None}`` for the repository at ``path``."""
+    """Return ``{"commit": sha or None, "dirty": bool or None}`` for the repository at ``path``.
+
+    Without git or a repository, the commit is ``REPRO_GIT_COMMIT`` from the
+    environment (the Dockerfile sets it from its ``GIT_COMMIT`` build argument).
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True, timeout=10
@@ -42,7 +47,8 @@ def git_state(path: str | Path = ".") -> dict[str, Any]:
             timeout=10,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        # No git or no repository (a container image): the build may have recorded the commit.
+        return {"commit": os.environ.get("REPRO_GIT_COMMIT"), "dirty": None}
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
@@ -71,6 +77,8 @@ def environment_fingerprint(world_size: int = 1, repo: str | Path | None = None)
         "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "device": "cuda" if cuda else "cpu",
         "world_size": world_size,
+        # CPU kernels split work by thread, and the split changes float sums bitwise.
+        "torch_threads": torch.get_num_threads(),
     }
     if repo is not None:
         git = git_state(repo)
