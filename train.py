@@ -73,6 +73,13 @@ def setup_distributed(config: TrainConfig, run_dir: Path) -> Accelerator:
     except ValueError as error:  # accelerate's word on launcher variables that do not fit together
         raise UsageError(f"cannot form the process group: {error}") from None
     declared = launcher_world_size()
+    # accelerate's MULTI_CPU launcher without mpirun starts one process and sets
+    # only MASTER_ADDR for the others it expects: no rank variable tells.
+    if declared is None and "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ:
+        raise UsageError(
+            "accelerate launch asked for several processes but started one (MULTI_CPU needs mpirun); "
+            "use `accelerate launch --config_file configs/accelerate/cpu_gloo.yaml`"
+        )
     if declared is not None and declared != accelerator.num_processes:
         raise UsageError(
             f"the launcher started {declared} processes but they formed a group of "

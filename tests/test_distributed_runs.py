@@ -83,3 +83,19 @@ def test_two_nodes_on_one_machine_match_one_launcher(two_process_run, tmp_path):
     outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
     assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert read_manifest(tmp_path / "run")["weights_sha256"] == read_manifest(two_process_run)["weights_sha256"]
+
+
+def test_multi_cpu_launch_without_mpirun_stops_instead_of_training_alone(tmp_path):
+    config = tmp_path / "multi_cpu.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+        "num_machines: 1\nmachine_rank: 0\nuse_cpu: true\nmixed_precision: 'no'\n"
+    )
+    result = subprocess.run(
+        [ACCELERATE, "launch", "--config_file", str(config), str(REPO / "train.py"), *TINY,
+         "--output-dir", str(tmp_path / "run")],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "asked for several processes but started one" in result.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()
