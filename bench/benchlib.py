@@ -1,0 +1,128 @@
+"""What the benchmarks share: the repository on ``sys.path``, a description of
+the machine they ran on, and the median-of-ratios summary.
+
+Import it before anything from the repository: ``python bench/X.py`` puts only
+``bench/`` on ``sys.path``, and ``cifar/`` is not an installed package. Importing
+it also makes ``PYTHONHASHSEED`` effective as train.py does, by re-executing the
+benchmark at once: a benchmark that imports train.py would otherwise be
+re-executed by that import, after its heavy imports.
+
+Every benchmark reports speed as a ratio of two configurations measured in one
+run, in alternating repetitions, so that load from other processes on a shared
+machine falls on both sides; the median of the per-repetition ratios is the
+figure. Absolute images/s are printed too, but they vary with that load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+# Through importlib because the import has to follow the path set-up above.
+importlib.import_module("repro.hashseed").ensure_hash_seed()
+
+DETERMINISM_MODES = ("strict", "off", "strict-nofill")  # what set_determinism accepts
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as ``lscpu`` reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, for the report of a benchmark run."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    for name in ("torchvision", "accelerate", "numpy"):
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except ImportError:
+            info[name] = None  # the GPU check runs where some may be missing
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    return info
+
+
+def print_environment(info: dict[str, Any]) -> None:
+    print(
+        f"# {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
+        f"({info['torch_threads']} threads), torchvision {info['torchvision']}, Python {info['python']}, "
+        f"commit {info['git_commit']}, load average at start {info['load_average_at_start']}"
+    )
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median over repetitions of numerator/denominator, pairing repetition i with i."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """A plain, aligned text table."""
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    """Write the benchmark's figures as JSON when ``--json PATH`` was given."""
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"figures written to {path}")
+
+
+def run_process(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a command, capturing its output; on failure show its error output and stop."""
+    result = subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}")
+    return result
+
+
+def set_determinism(mode: str) -> None:
+    """Apply ``repro.determinism.configure_determinism(mode)``, or for
+    ``"strict-nofill"``, strict mode without torch's filling of uninitialised memory.
+
+    In deterministic mode torch fills every tensor that ``torch.empty`` and its
+    kin create (with NaN, or an integer type's largest value), so that code
+    reading memory it never wrote behaves the same in every run; the third mode
+    measures what that filling costs. ``fill_uninitialized_memory`` is a process
+    setting that ``configure_determinism`` does not touch, so it is set each time.
+    """
+    import torch
+
+    from repro.determinism import configure_determinism
+
+    configure_determinism("off" if mode == "off" else "strict")
+    torch.utils.deterministic.fill_uninitialized_memory = mode != "strict-nofill"

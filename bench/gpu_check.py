@@ -1,0 +1,366 @@
+"""What only a CUDA GPU can show, checked in one run of a few minutes.
+
+Run it through ``bash bench/gpu_check.sh OUT_DIR [CIFAR_IMAGEFOLDER_DIR]``, which
+also keeps the full log. Stages:
+
+a. Strict determinism raises nothing for each shipped model and each config in
+   ``configs/``: a few training steps (forward, cross-entropy, backward, SGD)
+   in full precision and in bf16 autocast, with train.py's channels_last
+   layout, then an evaluation forward; each case runs twice from the same seed
+   and must end in the same weights (SHA-256 of the state dict).
+b. train.py, strict, same seed, on synthetic data: two runs give the same
+   ``weights_sha256``; so does a run with another ``--num-workers``, and a
+   second pair in bf16 autocast.
+c. Training throughput of resnet9 and resnet18 (bf16 autocast, channels_last,
+   synthetic tensors on the GPU, timed after a warm-up) under strict and off
+   determinism, and strict without filling new tensors
+   (``benchlib.set_determinism``), each mode in its own process
+   (``CUBLAS_WORKSPACE_CONFIG`` is read once per process), alternating; the
+   figures are strict/off (target >= 0.85).
+d. With a CIFAR-10 folder in ``train/<class>/*`` layout: train.py with
+   ``configs/cifar10_fast.yaml`` on it, its test accuracy and wall time.
+
+It installs nothing and needs no network. What is missing is skipped with a
+line saying so: stages a and c need only torch, stages b and d need train.py's
+imports (accelerate, safetensors, pyyaml, tqdm, matplotlib, torchvision, numpy).
+``--cpu-smoke`` runs every stage for one or two steps on the CPU, to test this
+script where there is no GPU; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import benchlib
+import torch
+from torch import nn
+
+from cifar.models import MODELS, build_model
+from repro.determinism import configure_determinism
+from repro.weights import state_dict_sha256
+
+TRAIN_PY_MODULES = ("numpy", "torchvision", "accelerate", "safetensors", "yaml", "tqdm", "matplotlib")
+SEED = 2333
+PRECISIONS = {"no": "fp32", "bf16": "bf16"}  # mixed_precision values checked for every model, and their labels
+
+
+class Report:
+    """The table's rows and the JSON figures, printed as they come."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+        self.figures: dict[str, Any] = {}
+        self.failed = False
+
+    def add(self, stage: str, check: str, result: str, detail: str = "") -> None:
+        self.rows.append([stage, check, result, detail])
+        self.failed |= result == "FAIL"
+        print(f"[{stage}] {check}: {result} {detail}".rstrip(), flush=True)
+
+
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of ``names`` that cannot be imported here."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            missing.append(name)
+    return missing
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """train.py's autocast for a ``mixed_precision`` value: none, bf16 or fp16."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train_steps(
+    model_name: str, num_classes: int, label_smoothing: float, precision: str, device: torch.device, steps: int
+) -> str:
+    """Train a fresh model for ``steps`` steps as train.py does; return the weights' SHA-256."""
+    torch.manual_seed(SEED)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = build_model(model_name, num_classes).to(device, memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    batch_size = 64 if device.type == "cuda" else 4  # small on the CPU: the smoke test checks the code only
+    images = torch.randn(steps, batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, num_classes, (steps, batch_size), device=device)
+    for step in range(steps):
+        with autocast(device, precision):
+            loss = criterion(model(images[step].contiguous(memory_format=layout)), labels[step])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()  # and evaluate as train.py does
+    with torch.no_grad(), autocast(device, precision):
+        logits = model(images[0].contiguous(memory_format=layout))
+    nn.functional.cross_entropy(logits.float(), labels[0], reduction="sum").item()
+    return state_dict_sha256({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def strict_cases(report: Report) -> list[tuple[str, str, int, float, str]]:
+    """(name, model, classes, label smoothing, precision) for each model and each config."""
+    cases = [
+        (f"{name} {label}", name, 10, 0.0, precision) for name in MODELS for precision, label in PRECISIONS.items()
+    ]
+    missing = missing_modules(("yaml", "numpy"))  # what cifar.config needs to read a config
+    if missing:
+        report.add("a", "configs", "skipped", f"{', '.join(missing)} missing: the models are checked, not each config")
+        return cases
+    from cifar.config import load_yaml
+
+    for path in sorted((benchlib.REPO / "configs").glob("*.yaml")):
+        config = load_yaml(path)
+        classes = 100 if config.get("dataset") == "cifar100" else 10
+        cases.append(
+            (
+                path.name,
+                config.get("model", "resnet18"),
+                classes,
+                float(config.get("label_smoothing", 0.0)),
+                config.get("mixed_precision", "no"),
+            )
+        )
+    return cases
+
+
+def stage_a(report: Report, device: torch.device, steps: int) -> None:
+    """Strict mode raises nothing, and a case run twice ends in the same weights."""
+    for name, model_name, classes, smoothing, precision in strict_cases(report):
+        try:
+            first = train_steps(model_name, classes, smoothing, precision, device, steps)
+            second = train_steps(model_name, classes, smoothing, precision, device, steps)
+        except RuntimeError as error:
+            report.add("a", f"strict {name}", "FAIL", str(error).splitlines()[0][:160])
+            continue
+        same = first == second
+        detail = "raised nothing; " + ("same weights twice" if same else "weights DIFFER between two runs")
+        report.add("a", f"strict {name}", "ok" if same else "FAIL", detail)
+
+
+def run_train(arguments: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
+    """Run train.py, its output in ``<run_dir>.log``; return its manifest and wall
+    time, or why it did not finish."""
+    command = [sys.executable, str(benchlib.REPO / "train.py"), *arguments, "--output-dir", str(run_dir), "--overwrite"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    started = time.perf_counter()
+    with log.open("w") as output:
+        try:
+            result = subprocess.run(
+                command, cwd=benchlib.REPO, stdout=output, stderr=subprocess.STDOUT, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s (log: {log})", "wall_s": time.perf_counter() - started}
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        last_line = (log.read_text().strip().splitlines() or [""])[-1]
+        return {"error": f"exit {result.returncode}: {last_line[:160]} (log: {log})", "wall_s": wall}
+    return {"manifest": json.loads((run_dir / "manifest.json").read_text()), "wall_s": wall}
+
+
+def stage_b(report: Report, out: Path, smoke: bool) -> None:
+    """train.py: same seed, same weights; also across num_workers, and in bf16."""
+    train_size, test_size, batch_size, steps = (64, 16, 16, 2) if smoke else (4096, 256, 256, 8)
+    base = ["--dataset", "synthetic", "--synthetic-train-size", str(train_size), "--synthetic-test-size",
+            str(test_size), "--batch-size", str(batch_size), "--max-steps", str(steps), "--model", "resnet18",
+            "--epochs", "1", "--seed", str(SEED), "--determinism", "strict"]  # fmt: skip
+    runs = {
+        "fp32 a": [*base, "--num-workers", "2"],
+        "fp32 b": [*base, "--num-workers", "2"],
+        "fp32 0 workers": [*base, "--num-workers", "0"],
+        "bf16 a": [*base, "--num-workers", "2", "--mixed-precision", "bf16"],
+        "bf16 b": [*base, "--num-workers", "2", "--mixed-precision", "bf16"],
+    }
+    outcomes = {}
+    for name, arguments in runs.items():
+        outcomes[name] = run_train(
+            arguments, out / "runs" / f"b_{name.replace(' ', '_')}", timeout=300 if smoke else 120
+        )
+        outcome = outcomes[name]
+        summary = (
+            outcome.get("error") or f"{outcome['manifest']['weights_sha256'][:16]}... in {outcome['wall_s']:.0f} s"
+        )
+        print(f"[b] train.py {name}: {summary}", flush=True)
+    report.figures["b_weights_sha256"] = {
+        name: outcome["manifest"]["weights_sha256"] if "manifest" in outcome else outcome["error"]
+        for name, outcome in outcomes.items()
+    }
+    for check, (left, right) in {
+        "two strict fp32 runs": ("fp32 a", "fp32 b"),
+        "2 workers vs 0 workers": ("fp32 a", "fp32 0 workers"),
+        "two strict bf16 runs": ("bf16 a", "bf16 b"),
+    }.items():
+        errors = [f"train.py {name}: {outcomes[name]['error']}" for name in (left, right) if "error" in outcomes[name]]
+        if errors:
+            report.add("b", check, "FAIL", errors[0])
+            continue
+        same = outcomes[left]["manifest"]["weights_sha256"] == outcomes[right]["manifest"]["weights_sha256"]
+        report.add("b", check, "ok" if same else "FAIL", f"weights_sha256 {'equal' if same else 'DIFFER'}")
+
+
+def images_per_s(model_name: str, device: torch.device, batch_size: int, warmup: int, steps: int) -> float:
+    """Training images/s of one model in bf16 autocast and channels_last, timed after a warm-up."""
+    torch.manual_seed(SEED)
+    model = build_model(model_name, 10).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss()
+    images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    for step in range(warmup + steps):
+        if step == warmup:  # the warm-up covers cuDNN autotuning (off mode), the allocator, clocks
+            synchronize(device)
+            started = time.perf_counter()
+        with autocast(device, "bf16"):
+            loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def throughput_process(args: argparse.Namespace) -> None:
+    """In a fresh process: images/s of each model under one determinism mode (JSON on stdout)."""
+    benchlib.set_determinism(args.throughput_process)  # first: before CUDA starts
+    device = torch.device(args.device)
+    figures = {
+        name: images_per_s(name, device, args.batch_size, args.warmup, args.steps) for name in args.models.split(",")
+    }
+    print(json.dumps(figures))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stage_c(report: Report, device: torch.device, smoke: bool) -> None:
+    """Strict (with and without filling new tensors) against off throughput,
+    one process per measurement, each mode twice in ABCCBA order."""
+    models = "resnet9,resnet18"
+    batch_size, warmup, steps = (2, 1, 1) if smoke else (512, 15, 60)
+    modes = benchlib.DETERMINISM_MODES
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for mode in (*modes, *reversed(modes)):
+        command = [sys.executable, __file__, "--throughput-process", mode, "--device", device.type, "--models",
+                   models, "--batch-size", str(batch_size), "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+        if result.returncode != 0:
+            last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+            report.add("c", f"throughput {mode}", "FAIL", last_line[:160])
+            return
+        results[mode].append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(f"[c] {mode}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in results[mode][-1].items()), flush=True)
+    report.figures["c_images_per_s"] = results
+    for model_name in models.split(","):
+        off = [r[model_name] for r in results["off"]]
+        for mode in ("strict", "strict-nofill"):
+            measured = [r[model_name] for r in results[mode]]
+            ratio = benchlib.median_ratio(measured, off)
+            report.figures[f"c_ratio_{mode}_{model_name}"] = ratio
+            detail = f"{median(measured):.0f} img/s, off {median(off):.0f} img/s, {mode}/off {ratio:.3f}"
+            verdict = "ok" if ratio >= 0.85 else "below target"
+            report.add("c", f"{model_name} bf16 channels_last {mode}", verdict, detail)
+
+
+def stage_d(report: Report, out: Path, data: Path, smoke: bool, budget_s: float) -> None:
+    """The fast config on CIFAR-10 images: test accuracy and wall time."""
+    workers = 0 if smoke else max(2, min(8, (os.cpu_count() or 2) // 2))  # does not change the result
+    arguments = ["--config", str(benchlib.REPO / "configs" / "cifar10_fast.yaml"), "--dataset", "imagefolder",
+                 "--data-dir", str(data), "--num-workers", str(workers)]  # fmt: skip
+    if smoke:
+        arguments += ["--max-steps", "1", "--batch-size", "16", "--mixed-precision", "no"]
+    run_dir = out / "runs" / "d_fast"
+    outcome = run_train(arguments, run_dir, timeout=budget_s)
+    report.figures["d_fast"] = {k: v for k, v in outcome.items() if k != "manifest"}
+    if "error" in outcome:
+        metrics = run_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        report.figures["d_fast"]["records"] = records
+        reached = f"; {records[-1]['test_accuracy']:.2%} after epoch {records[-1]['epoch']}" if records else ""
+        report.add("d", "cifar10_fast.yaml", "FAIL", outcome["error"] + reached)
+        return
+    accuracy = outcome["manifest"]["test_accuracy"]
+    report.figures["d_fast"]["test_accuracy"] = accuracy
+    detail = f"test accuracy {accuracy:.2%}, wall time {outcome['wall_s']:.0f} s, {workers} workers"
+    report.add("d", "cifar10_fast.yaml", "ok", detail)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, help="folder for the JSON figures and train.py's runs")
+    parser.add_argument("data", nargs="?", type=Path, help="CIFAR-10 in train/<class>/ and test/<class>/ layout")
+    parser.add_argument("--cpu-smoke", action="store_true", help="each stage for 1-2 steps on the CPU")
+    parser.add_argument("--budget-s", type=float, default=460, help="stage d stops when the run has taken this long")
+    parser.add_argument("--throughput-process", choices=benchlib.DETERMINISM_MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--models", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.out is None and args.throughput_process is None:
+        parser.error("OUT_DIR is required")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if args.throughput_process:
+        throughput_process(args)
+        return 0
+    started = time.perf_counter()
+    # Before CUDA is touched: strict mode sets CUBLAS_WORKSPACE_CONFIG, read when CUDA starts.
+    configure_determinism("strict")
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; use --cpu-smoke to test the script on a CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    report.figures["environment"] = benchlib.environment()
+    report.figures["cpu_smoke"] = args.cpu_smoke
+    benchlib.print_environment(report.figures["environment"])
+    missing = missing_modules(TRAIN_PY_MODULES)
+    for name in missing:
+        print(f"skipped: {name} missing")
+
+    stage_a(report, device, steps=1 if args.cpu_smoke else 3)
+    if missing:
+        report.add("b", "train.py repeatability", "skipped", f"train.py needs {', '.join(missing)} (missing)")
+    else:
+        stage_b(report, args.out, args.cpu_smoke)
+    stage_c(report, device, args.cpu_smoke)
+    if args.data is None:
+        report.add("d", "cifar10_fast.yaml", "skipped", "no CIFAR-10 folder given")
+    elif missing:
+        report.add("d", "cifar10_fast.yaml", "skipped", f"train.py needs {', '.join(missing)} (missing)")
+    else:
+        budget = max(60.0, args.budget_s - (time.perf_counter() - started))
+        stage_d(report, args.out, args.data, args.cpu_smoke, budget)
+
+    report.figures["total_s"] = time.perf_counter() - started
+    print()
+    benchlib.print_table(["stage", "check", "result", "detail"], report.rows)
+    note = "  (CPU smoke test: the figures mean nothing)" if args.cpu_smoke else ""
+    print(f"total {report.figures['total_s']:.0f} s{note}")
+    (args.out / "gpu_check.json").write_text(json.dumps({**report.figures, "rows": report.rows}, indent=2) + "\n")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

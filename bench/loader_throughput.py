@@ -1,0 +1,91 @@
+"""DataLoader throughput of train.py's training loader at 0, 1 and 2 workers.
+
+The loader is the one train.py trains from, built by its own ``build_loaders``
+(per-sample seeded augmentation, the seeded global batch sampler, worker
+seeding) in train.py's default strict mode, over a CIFAR-sized training set: 50,000 synthetic 3x32x32 images by
+default, or the training images of a folder in ``train/<class>/*`` layout.
+Only loading is timed: batches are produced and dropped, no model runs. Each
+figure excludes the first batch (worker start-up and the first fetch, reported
+apart); worker counts alternate between repetitions, and the table gives
+medians.
+
+    python bench/loader_throughput.py
+    python bench/loader_throughput.py --image-folder /tmp/cifar10-jpeg
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import time
+from statistics import median
+
+import benchlib
+from accelerate import Accelerator
+
+import train
+from cifar.config import TrainConfig
+from cifar.data import Splits, imagefolder, synthetic
+from repro.determinism import configure_determinism
+from repro.seeds import SeedPlan
+
+
+def measure(config: TrainConfig, splits: Splits, accelerator: Accelerator, batches: int) -> dict[str, float]:
+    """Start-up seconds to the first batch, then images/s over the next ``batches``."""
+    started = time.perf_counter()
+    loader, _, _ = train.build_loaders(config, splits, SeedPlan(config.seed), accelerator)
+    iterator = iter(loader)
+    next(iterator)
+    first = time.perf_counter()
+    images = sum(len(labels) for _, labels in itertools.islice(iterator, batches))
+    return {"first_batch_s": first - started, "images_per_s": images / (time.perf_counter() - first)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-folder", help="train/<class>/* images instead of synthetic ones")
+    parser.add_argument("--train-size", type=int, default=50000, help="synthetic training images (CIFAR's count)")
+    parser.add_argument("--batch-size", type=int, default=512, help="train.py's default")
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    info = benchlib.environment()
+    benchlib.print_environment(info)
+    if args.image_folder:
+        splits, source = imagefolder(args.image_folder), args.image_folder
+    else:
+        splits, source = synthetic(args.train_size, 64), "synthetic"
+    print(f"# {len(splits.train)} training images ({source}), batch {args.batch_size}, {args.batches} timed batches")
+    base = TrainConfig(batch_size=args.batch_size)
+    configure_determinism(base.determinism)  # as train.py does first: its workers inherit the mode
+    accelerator = Accelerator(cpu=True)
+    workers = [int(w) for w in args.workers.split(",")]
+    results: dict[int, list[dict[str, float]]] = {w: [] for w in workers}
+    for repeat in range(args.repeats):
+        for count in workers if repeat % 2 == 0 else reversed(workers):
+            config = dataclasses.replace(base, num_workers=count)
+            results[count].append(measure(config, splits, accelerator, args.batches))
+            print(f"{count} workers: {results[count][-1]['images_per_s']:.0f} img/s", flush=True)
+    rows = [
+        [
+            count,
+            f"{median(r['images_per_s'] for r in runs):.0f}",
+            f"{median(r['first_batch_s'] for r in runs):.2f}",
+            " ".join(f"{r['images_per_s']:.0f}" for r in runs),
+        ]
+        for count, runs in results.items()
+    ]
+    print()
+    benchlib.print_table(["workers", "img/s (median)", "first batch s", "img/s each repetition"], rows)
+    benchlib.write_json(args.json, {"environment": info, "settings": vars(args), "source": source, "results": results})
+
+
+if __name__ == "__main__":
+    main()
