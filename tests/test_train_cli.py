@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
 from safetensors.torch import load_file
 
@@ -35,7 +34,6 @@ def test_weights_sha256_is_the_hash_of_the_saved_weights(reference_run):
     order = list(build_model("small_cnn", 10).state_dict())
     saved = load_file(reference_run / "model.safetensors")
     assert state_dict_sha256({name: saved[name] for name in order}) == read_manifest(reference_run)["weights_sha256"]
-    assert all(isinstance(t, torch.Tensor) for t in saved.values())
 
 
 def test_same_seed_same_weights_and_metrics(reference_run, tmp_path):
