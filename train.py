@@ -36,6 +36,7 @@ from tqdm import tqdm
 from cifar import checkpoint
 from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, parse_config
 from cifar.data import DataError, Splits, Transformed, load_splits, test_transform, train_transform
+from cifar.device_data import DeviceTestBatches, DeviceTrainBatches
 from cifar.models import build_model
 from cifar.outputs import MetricsLog, check_output_dir, default_output_dir, write_config, write_json
 from cifar.plots import plot_curves
@@ -97,14 +98,22 @@ def setup_distributed(config: TrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
+Batches = DataLoader | DeviceTrainBatches | DeviceTestBatches
+
+
 def build_loaders(
     config: TrainConfig, splits: Splits, seeds: SeedPlan, accelerator: Accelerator
-) -> tuple[DataLoader, GlobalBatchSampler, DataLoader]:
-    """The training loader draws its order and augmentation from the seed plan alone;
-    the test loader evaluates this rank's share of the test set, each image once."""
+) -> tuple[Batches, GlobalBatchSampler, Batches]:
+    """The training batches draw their order and augmentation from the seed plan alone;
+    the test batches are this rank's share of the test set, each image once."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
     order_seed = config.seed if config.order_seed is None else config.order_seed
     sampler = GlobalBatchSampler(len(splits.train), config.batch_size, order_seed, rank=rank, world_size=world_size)
+    if config.data_pipeline == "device":
+        device, stats = accelerator.device, (splits.mean, splits.std)
+        train_batches = DeviceTrainBatches(splits.train, sampler, seeds, *stats, config.cutout, device)
+        test_batches = DeviceTestBatches(splits.test, rank, world_size, config.batch_size // world_size, *stats, device)
+        return train_batches, sampler, test_batches
     train_set = SeededAugmentation(splits.train, train_transform(splits, config.cutout), seeds)
     common = {
         "num_workers": config.num_workers,
@@ -184,7 +193,7 @@ def build_optimizer(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, config: TrainConfig, accelerator: Accelerator) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Batches, config: TrainConfig, accelerator: Accelerator) -> dict[str, float]:
     """Test loss and accuracy over the whole test set, each image counted once."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
@@ -355,7 +364,7 @@ def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
-    loaders: tuple[DataLoader, GlobalBatchSampler, DataLoader],
+    loaders: tuple[Batches, GlobalBatchSampler, Batches],
     metrics: MetricsLog,
     progress: Progress,
     loss_sum: torch.Tensor,

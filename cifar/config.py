@@ -48,7 +48,14 @@ class TrainConfig:
     data_dir: str = _field("data", "where datasets are read from (and downloaded to, for cifar10/cifar100)")
     synthetic_train_size: int = _field(5000, "images in the synthetic training set")
     synthetic_test_size: int = _field(1000, "images in the synthetic test set")
-    num_workers: int = _field(2, "DataLoader worker processes per rank; does not change the result")
+    data_pipeline: Literal["dataloader", "device"] = _field(
+        "dataloader",
+        "dataloader: torchvision transforms per sample in worker processes (any transform); "
+        "device: the dataset on the device, augmented there in batches (no workers; for GPUs)",
+    )
+    num_workers: int = _field(
+        2, "DataLoader worker processes per rank; does not change the result (unused with --data-pipeline device)"
+    )
     cutout: int = _field(0, "side of the cutout square in pixels; 0 turns cutout off")
 
     # Model.

@@ -96,6 +96,27 @@ def mix64(key: int, index: int) -> int:
     return z ^ (z >> 31)
 
 
+def mix64_array(keys: int | np.ndarray, indices: int | np.ndarray) -> np.ndarray:
+    """:func:`mix64` over arrays: ``mix64(keys[i], indices[i])`` for each ``i``, as ``uint64``.
+
+    ``keys`` and ``indices`` broadcast against each other; both must hold
+    integers in [0, 2**64 - 1]. Equal to :func:`mix64` element by element (the
+    arithmetic wraps modulo 2**64 in both), and fast enough to derive the
+    augmentation of a whole batch at once (about 10 ns per element).
+    """
+    keys, indices = np.asarray(keys), np.asarray(indices)
+    for name, values in (("keys", keys), ("indices", indices)):
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"{name} must be integers, got dtype {values.dtype}")
+        if values.dtype.kind == "i" and values.size and values.min() < 0:
+            raise ValueError(f"{name} must be non-negative, got {values.min()}")
+    with np.errstate(over="ignore"):  # wrapping modulo 2**64 is the point; NumPy warns for 0-d arrays
+        z = keys.astype(np.uint64) + (indices.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 @dataclass(frozen=True)
 class SeedPlan:
     """The named streams of one run, derived from one user seed.
@@ -144,6 +165,10 @@ class SeedPlan:
     def aug(self, epoch: int, index: int) -> int:
         """Seed of the augmentation of sample ``index`` in ``epoch``."""
         return mix64(self.aug_epoch_key(epoch), index)
+
+    def aug_array(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        """:meth:`aug` for many samples of one epoch at once, as ``uint64``."""
+        return mix64_array(self.aug_epoch_key(epoch), indices)
 
     def runtime(self, rank: int) -> int:
         """Seed of the randomness inside the training step (dropout) on ``rank``."""

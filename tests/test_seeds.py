@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from repro.seeding import seed_everything, seed_generators
-from repro.seeds import SeedPlan, derive_seed, mix64
+from repro.seeds import SeedPlan, derive_seed, mix64, mix64_array
 
 
 def test_derivation_is_stable_across_processes_and_versions():
@@ -96,3 +96,19 @@ def test_seed_generators_keeps_all_64_bits_for_numpy():
 
 def test_mix64_is_injective_on_indices():
     assert len({mix64(123, i) for i in range(100_000)}) == 100_000
+
+
+def test_mix64_array_equals_mix64_element_by_element():
+    keys = np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64)
+    indices = np.array([0, 5, 2**32 - 1, 2**64 - 2], dtype=np.uint64)
+    mixed = mix64_array(keys[:, None], indices[None, :])
+    assert mixed.dtype == np.uint64
+    assert [[int(v) for v in row] for row in mixed] == [[mix64(int(k), int(i)) for i in indices] for k in keys]
+    plan = SeedPlan(2333)
+    assert [int(v) for v in plan.aug_array(3, np.arange(10))] == [plan.aug(3, i) for i in range(10)]
+
+
+@pytest.mark.parametrize("bad", [np.array([-1]), np.array([0.5])])
+def test_mix64_array_refuses_negative_or_fractional_indices(bad):
+    with pytest.raises(ValueError, match="indices must be"):
+        mix64_array(1, bad)

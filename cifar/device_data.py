@@ -1,0 +1,175 @@
+"""The device data pipeline: the whole dataset on the device, augmented there in batches.
+
+With ``--data-pipeline device`` the uint8 images are copied to the device once
+(CIFAR-10: 150 MB for training, 30 MB for testing) and each training batch is
+gathered, cropped, flipped, normalised and cut out there by a few tensor
+operations on the whole batch. No DataLoader, no worker processes, no copy from
+the host per step: a GPU is never left waiting for the CPU to decode and
+augment images one at a time, which is what limits the dataloader pipeline.
+
+Randomness: the augmentation of sample ``i`` in epoch ``e`` comes from its
+per-sample seed ``SeedPlan.aug(e, i)``, the seed the dataloader pipeline gives
+``SeededAugmentation``. Fixed words of it (``mix64(seed, k)`` for k = 0..4)
+become the crop offsets, the flip and the cutout position. So a sample's
+augmentation depends on (aug seed, epoch, index) alone, whichever batch, rank
+or resumed run it lands in. The two pipelines turn the seed into offsets
+differently (torchvision draws from a generator seeded with it), so they
+augment differently: the pipeline is part of the config that a resume checks.
+
+Every operation is deterministic on CUDA in strict mode: a gather by index
+(no scatter, no atomic adds) and elementwise arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.nn import functional
+
+from cifar.data import ImageArray
+from repro.loader import GlobalBatchSampler
+from repro.seeds import SeedPlan, mix64_array
+
+CROP_PADDING = 4  # pixels of zero padding around the image before the random 32x32 crop
+
+# The per-sample words that drive the augmentation, in this order.
+_CROP_ROW, _CROP_COLUMN, _FLIP, _CUTOUT_ROW, _CUTOUT_COLUMN = range(5)
+_NUM_WORDS = 5
+
+
+def augmentation_params(sample_seeds: np.ndarray, height: int, width: int, padding: int) -> np.ndarray:
+    """Turn per-sample seeds into (crop row, crop column, flip, cutout row, cutout column) per sample.
+
+    Returns an int64 array (N, 5): the crop's top-left corner in the padded
+    image (0 to 2 * padding), 1 to flip horizontally, and the cutout square's
+    centre (any pixel of the image). Each value is a word of the seed taken
+    modulo its range: the bias is below 2**-58 for these small ranges.
+    """
+    words = mix64_array(np.asarray(sample_seeds, dtype=np.uint64)[:, None], np.arange(_NUM_WORDS, dtype=np.uint64))
+    ranges = np.array([2 * padding + 1, 2 * padding + 1, 2, height, width], dtype=np.uint64)
+    return (words % ranges).astype(np.int64)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, C, H, W) to float32 on the 0-1 scale, standardised per channel."""
+    return (images.to(torch.float32) / 255 - mean) / std
+
+
+def augment_batch(
+    images: torch.Tensor, params: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, padding: int, cutout: int
+) -> torch.Tensor:
+    """Crop, flip, normalise and cut out a batch of uint8 images (N, C, H, W) on their device.
+
+    ``params`` is :func:`augmentation_params`'s array as a tensor on the same
+    device. As the dataloader pipeline does: crop from the zero-padded image,
+    flip, normalise, then zero a ``cutout`` x ``cutout`` square (clipped at the
+    border) of the normalised image; ``cutout=0`` turns cutout off.
+    """
+    count, channels, height, width = images.shape
+    device = images.device
+    padded = functional.pad(images, (padding, padding, padding, padding))
+    row_steps = torch.arange(height, device=device)
+    column_steps = torch.arange(width, device=device)
+    flip = params[:, _FLIP, None].bool()
+    rows = params[:, _CROP_ROW, None] + row_steps
+    columns = params[:, _CROP_COLUMN, None] + torch.where(flip, width - 1 - column_steps, column_steps)
+    cropped = padded[
+        torch.arange(count, device=device)[:, None, None, None],
+        torch.arange(channels, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        columns[:, None, None, :],
+    ]
+    batch = normalize(cropped, mean, std)
+    if not cutout:
+        return batch
+    centre_rows, centre_columns = params[:, _CUTOUT_ROW, None], params[:, _CUTOUT_COLUMN, None]
+    in_rows = (row_steps >= centre_rows - cutout // 2) & (row_steps < centre_rows + (cutout + 1) // 2)
+    in_columns = (column_steps >= centre_columns - cutout // 2) & (column_steps < centre_columns + (cutout + 1) // 2)
+    square = in_rows[:, None, :, None] & in_columns[:, None, None, :]
+    return batch.masked_fill(square, 0.0)
+
+
+def _channel_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
+class DeviceTrainBatches:
+    """This rank's training batches, as ``sampler`` orders them, augmented on ``device``.
+
+    Iterate it like a DataLoader: it yields (images, labels) already on the
+    device, float32 images standardised with ``mean`` and ``std``.
+    """
+
+    def __init__(
+        self,
+        split: ImageArray,
+        sampler: GlobalBatchSampler,
+        seeds: SeedPlan,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        cutout: int,
+        device: torch.device,
+    ) -> None:
+        if cutout < 0:
+            raise ValueError(f"cutout must be non-negative, got {cutout}")
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.sampler = sampler
+        self.seeds = seeds
+        self.mean = _channel_tensor(mean, device)
+        self.std = _channel_tensor(std, device)
+        self.cutout = cutout
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def batch(self, epoch: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented images and labels of samples ``indices`` in ``epoch``."""
+        height, width = self.images.shape[-2:]
+        params = augmentation_params(self.seeds.aug_array(epoch, indices), height, width, CROP_PADDING)
+        on_device = torch.from_numpy(np.stack([indices, *params.T], axis=1)).to(self.device)
+        selected = on_device[:, 0]
+        images = augment_batch(self.images[selected], on_device[:, 1:], self.mean, self.std, CROP_PADDING, self.cutout)
+        return images, self.labels[selected]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for keys in self.sampler:
+            epoch = keys[0][0]
+            yield self.batch(epoch, np.fromiter((index for _, index in keys), dtype=np.int64, count=len(keys)))
+
+
+class DeviceTestBatches:
+    """This rank's share of the test set (every ``world_size``-th image from ``rank``), on ``device``.
+
+    Yields (images, labels) in fixed order, normalised, not augmented: the
+    shares of all ranks cover each test image exactly once.
+    """
+
+    def __init__(
+        self,
+        split: ImageArray,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.images = split.images[rank::world_size].to(device)
+        self.labels = split.labels[rank::world_size].to(device)
+        self.batch_size = batch_size
+        self.mean = _channel_tensor(mean, device)
+        self.std = _channel_tensor(std, device)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            end = start + self.batch_size
+            yield normalize(self.images[start:end], self.mean, self.std), self.labels[start:end]
