@@ -9,19 +9,23 @@ a. Strict determinism raises nothing for each shipped model and each config in
    layout, then an evaluation forward; each case runs twice from the same seed
    and must end in the same weights (SHA-256 of the state dict).
 b. train.py, strict, same seed, on synthetic data: two runs give the same
-   ``weights_sha256``; so does a run with another ``--num-workers``, and a
-   second pair in bf16 autocast.
+   ``weights_sha256``; so does a run with another ``--num-workers``, a second
+   pair in bf16 autocast, and a pair with ``--data-pipeline device``.
 c. Training throughput of resnet9 and resnet18 (bf16 autocast, channels_last,
    synthetic tensors on the GPU, timed after a warm-up) under strict and off
    determinism, and strict without filling new tensors
    (``benchlib.set_determinism``), each mode in its own process
    (``CUBLAS_WORKSPACE_CONFIG`` is read once per process), alternating; the
    figures are strict/off (target >= 0.85).
-d. With a CIFAR-10 folder in ``train/<class>/*`` layout: train.py with
-   ``configs/cifar10_fast.yaml`` on it, its test accuracy and wall time.
+d. Whether the DataLoader can feed the GPU: bench/loader_throughput.py's
+   images/s of train.py's DataLoader at 0 and half the CPUs' workers and of the
+   device pipeline on the GPU, against stage c's resnet9 training images/s.
+e. With a CIFAR-10 folder in ``train/<class>/*`` layout: train.py with
+   ``configs/cifar10_fast.yaml`` (the device pipeline) on it, its test accuracy
+   and wall time. Run last, with what is left of the time budget.
 
 It installs nothing and needs no network. What is missing is skipped with a
-line saying so: stages a and c need only torch, stages b and d need train.py's
+line saying so: stages a and c need only torch, stages b, d and e need train.py's
 imports (accelerate, safetensors, pyyaml, tqdm, matplotlib, torchvision, numpy).
 ``--cpu-smoke`` runs every stage for one or two steps on the CPU, to test this
 script where there is no GPU; its figures mean nothing.
@@ -184,6 +188,8 @@ def stage_b(report: Report, out: Path, smoke: bool) -> None:
         "fp32 0 workers": [*base, "--num-workers", "0"],
         "bf16 a": [*base, "--num-workers", "2", "--mixed-precision", "bf16"],
         "bf16 b": [*base, "--num-workers", "2", "--mixed-precision", "bf16"],
+        "device a": [*base, "--data-pipeline", "device"],
+        "device b": [*base, "--data-pipeline", "device"],
     }
     outcomes = {}
     for name, arguments in runs.items():
@@ -203,6 +209,7 @@ def stage_b(report: Report, out: Path, smoke: bool) -> None:
         "two strict fp32 runs": ("fp32 a", "fp32 b"),
         "2 workers vs 0 workers": ("fp32 a", "fp32 0 workers"),
         "two strict bf16 runs": ("bf16 a", "bf16 b"),
+        "two strict device-pipeline runs": ("device a", "device b"),
     }.items():
         errors = [f"train.py {name}: {outcomes[name]['error']}" for name in (left, right) if "error" in outcomes[name]]
         if errors:
@@ -277,27 +284,49 @@ def stage_c(report: Report, device: torch.device, smoke: bool) -> None:
             report.add("c", f"{model_name} bf16 channels_last {mode}", verdict, detail)
 
 
-def stage_d(report: Report, out: Path, data: Path, smoke: bool, budget_s: float) -> None:
+def stage_d(report: Report, out: Path, smoke: bool) -> None:
+    """The DataLoader and the device pipeline against what resnet9 trains per second."""
+    workers = max(2, (os.cpu_count() or 2) // 2)
+    json_path = out / "loader_throughput.json"
+    command = [sys.executable, str(benchlib.REPO / "bench" / "loader_throughput.py"), "--workers",
+               f"0,{workers},device", "--repeats", "1", "--json", str(json_path)]  # fmt: skip
+    if smoke:
+        command += ["--train-size", "1024", "--batches", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        report.add("d", "loader throughput", "FAIL", last_line[:160])
+        return
+    loaders = {name: runs[0]["images_per_s"] for name, runs in json.loads(json_path.read_text())["results"].items()}
+    report.figures["d_loader_images_per_s"] = loaders
+    strict = report.figures.get("c_images_per_s", {}).get("strict")
+    trained = median(r["resnet9"] for r in strict) if strict else None
+    for name, speed in loaders.items():
+        if trained is None:
+            report.add("d", name, "measured", f"{speed:.0f} img/s (no stage c figure to compare)")
+        else:
+            verdict = "keeps up" if speed >= trained else "starves the GPU"
+            report.add("d", name, verdict, f"{speed:.0f} img/s; resnet9 bf16 strict trains {trained:.0f} img/s")
+
+
+def stage_e(report: Report, out: Path, data: Path, smoke: bool, budget_s: float) -> None:
     """The fast config on CIFAR-10 images: test accuracy and wall time."""
-    workers = 0 if smoke else max(2, min(8, (os.cpu_count() or 2) // 2))  # does not change the result
     arguments = ["--config", str(benchlib.REPO / "configs" / "cifar10_fast.yaml"), "--dataset", "imagefolder",
-                 "--data-dir", str(data), "--num-workers", str(workers)]  # fmt: skip
+                 "--data-dir", str(data)]  # fmt: skip
     if smoke:
         arguments += ["--max-steps", "1", "--batch-size", "16", "--mixed-precision", "no"]
-    run_dir = out / "runs" / "d_fast"
+    run_dir = out / "runs" / "e_fast"
     outcome = run_train(arguments, run_dir, timeout=budget_s)
-    report.figures["d_fast"] = {k: v for k, v in outcome.items() if k != "manifest"}
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    report.figures["e_fast"] = {"wall_s": outcome["wall_s"], "records": records}
     if "error" in outcome:
-        metrics = run_dir / "metrics.jsonl"
-        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        report.figures["d_fast"]["records"] = records
         reached = f"; {records[-1]['test_accuracy']:.2%} after epoch {records[-1]['epoch']}" if records else ""
-        report.add("d", "cifar10_fast.yaml", "FAIL", outcome["error"] + reached)
+        report.add("e", "cifar10_fast.yaml", "FAIL", outcome["error"] + reached)
         return
     accuracy = outcome["manifest"]["test_accuracy"]
-    report.figures["d_fast"]["test_accuracy"] = accuracy
-    detail = f"test accuracy {accuracy:.2%}, wall time {outcome['wall_s']:.0f} s, {workers} workers"
-    report.add("d", "cifar10_fast.yaml", "ok", detail)
+    report.figures["e_fast"]["test_accuracy"] = accuracy
+    report.add("e", "cifar10_fast.yaml", "ok", f"test accuracy {accuracy:.2%}, wall time {outcome['wall_s']:.0f} s")
 
 
 def parse_args() -> argparse.Namespace:
@@ -345,13 +374,17 @@ def main() -> int:
     else:
         stage_b(report, args.out, args.cpu_smoke)
     stage_c(report, device, args.cpu_smoke)
+    if missing:
+        report.add("d", "loader throughput", "skipped", f"train.py needs {', '.join(missing)} (missing)")
+    else:
+        stage_d(report, args.out, args.cpu_smoke)
     if args.data is None:
-        report.add("d", "cifar10_fast.yaml", "skipped", "no CIFAR-10 folder given")
+        report.add("e", "cifar10_fast.yaml", "skipped", "no CIFAR-10 folder given")
     elif missing:
-        report.add("d", "cifar10_fast.yaml", "skipped", f"train.py needs {', '.join(missing)} (missing)")
+        report.add("e", "cifar10_fast.yaml", "skipped", f"train.py needs {', '.join(missing)} (missing)")
     else:
         budget = max(60.0, args.budget_s - (time.perf_counter() - started))
-        stage_d(report, args.out, args.data, args.cpu_smoke, budget)
+        stage_e(report, args.out, args.data, args.cpu_smoke, budget)
 
     report.figures["total_s"] = time.perf_counter() - started
     print()

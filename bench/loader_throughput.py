@@ -1,16 +1,20 @@
-"""DataLoader throughput of train.py's training loader at 0, 1 and 2 workers.
+"""Throughput of train.py's training batches: the DataLoader at 0, 1 and 2 workers, and the device pipeline.
 
-The loader is the one train.py trains from, built by its own ``build_loaders``
+The batches are the ones train.py trains from, built by its own
+``build_loaders`` in its default strict mode: the DataLoader pipeline
 (per-sample seeded augmentation, the seeded global batch sampler, worker
-seeding) in train.py's default strict mode, over a CIFAR-sized training set: 50,000 synthetic 3x32x32 images by
-default, or the training images of a folder in ``train/<class>/*`` layout.
-Only loading is timed: batches are produced and dropped, no model runs. Each
-figure excludes the first batch (worker start-up and the first fetch, reported
-apart); worker counts alternate between repetitions, and the table gives
-medians.
+seeding) at each worker count, and ``--data-pipeline device`` (the images on
+the device, augmented there in batches; on the CPU here, on the GPU when CUDA
+is available). The data is a CIFAR-sized training set: 50,000 synthetic
+3x32x32 images by default, or the training images of a folder in
+``train/<class>/*`` layout. Only loading is timed: batches are produced and
+dropped, no model runs. Each figure excludes the first batch (worker start-up
+and the first fetch, reported apart); the loaders alternate between
+repetitions, and the table gives medians.
 
     python bench/loader_throughput.py
     python bench/loader_throughput.py --image-folder /tmp/cifar10-jpeg
+    python bench/loader_throughput.py --workers 0,8,16,device    # on a GPU machine
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from statistics import median
 
 import benchlib
+import torch
 from accelerate import Accelerator
 
 import train
@@ -39,6 +44,8 @@ def measure(config: TrainConfig, splits: Splits, accelerator: Accelerator, batch
     next(iterator)
     first = time.perf_counter()
     images = sum(len(labels) for _, labels in itertools.islice(iterator, batches))
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
     return {"first_batch_s": first - started, "images_per_s": images / (time.perf_counter() - first)}
 
 
@@ -48,10 +55,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=50000, help="synthetic training images (CIFAR's count)")
     parser.add_argument("--batch-size", type=int, default=512, help="train.py's default")
     parser.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument(
+        "--workers", default="0,1,2,device", help="comma-separated DataLoader worker counts, and device"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the figures to this file")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name in args.workers.split(","):
+        if name != "device" and not name.isdigit():
+            parser.error(f"--workers takes worker counts and 'device', not {name!r}")
+    return args
 
 
 def main() -> None:
@@ -65,25 +78,29 @@ def main() -> None:
     print(f"# {len(splits.train)} training images ({source}), batch {args.batch_size}, {args.batches} timed batches")
     base = TrainConfig(batch_size=args.batch_size)
     configure_determinism(base.determinism)  # as train.py does first: its workers inherit the mode
-    accelerator = Accelerator(cpu=True)
-    workers = [int(w) for w in args.workers.split(",")]
-    results: dict[int, list[dict[str, float]]] = {w: [] for w in workers}
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    configs = {}
+    for name in args.workers.split(","):
+        if name == "device":
+            configs[f"device pipeline ({accelerator.device.type})"] = dataclasses.replace(base, data_pipeline="device")
+        else:
+            configs[f"{name} workers"] = dataclasses.replace(base, num_workers=int(name))
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for repeat in range(args.repeats):
-        for count in workers if repeat % 2 == 0 else reversed(workers):
-            config = dataclasses.replace(base, num_workers=count)
-            results[count].append(measure(config, splits, accelerator, args.batches))
-            print(f"{count} workers: {results[count][-1]['images_per_s']:.0f} img/s", flush=True)
+        for name in configs if repeat % 2 == 0 else reversed(configs):
+            results[name].append(measure(configs[name], splits, accelerator, args.batches))
+            print(f"{name}: {results[name][-1]['images_per_s']:.0f} img/s", flush=True)
     rows = [
         [
-            count,
+            name,
             f"{median(r['images_per_s'] for r in runs):.0f}",
             f"{median(r['first_batch_s'] for r in runs):.2f}",
             " ".join(f"{r['images_per_s']:.0f}" for r in runs),
         ]
-        for count, runs in results.items()
+        for name, runs in results.items()
     ]
     print()
-    benchlib.print_table(["workers", "img/s (median)", "first batch s", "img/s each repetition"], rows)
+    benchlib.print_table(["batches from", "img/s (median)", "first batch s", "img/s each repetition"], rows)
     benchlib.write_json(args.json, {"environment": info, "settings": vars(args), "source": source, "results": results})
 
 

@@ -12,11 +12,18 @@ end of its evaluation. The hand-written loop is timed over the same span, with
 torch's default settings (which train.py's strict mode changes, so they are put
 back after each train.py run).
 
+With ``--data-pipeline device`` train.py keeps the data on the device and
+augments it in batches (cifar/device_data.py); the hand-written loop then does
+what a fast hand-written loop does (airbench's way): the images in one tensor,
+``torch.randperm`` for the order, and the same batched crop, flip and
+normalisation with its offsets from ``torch.randint``.
+
 Both run in this one process, alternating (ABBA order), so that the load of
 other processes on a shared machine falls on both, and neither pays a process
 start inside its figure; the figure is the median of the per-pair ratios.
 
     python bench/loop_vs_handwritten.py                          # small_cnn, batch 512, 5 pairs
+    python bench/loop_vs_handwritten.py --data-pipeline device
     python bench/loop_vs_handwritten.py --model resnet9 --batch-size 64 --train-size 640 --repeats 3
 """
 
@@ -40,6 +47,7 @@ from torch.utils.data import DataLoader
 
 import train
 from cifar.data import Transformed, synthetic, test_transform, train_transform
+from cifar.device_data import CROP_PADDING, augment_batch, normalize
 from cifar.models import build_model
 
 
@@ -78,6 +86,40 @@ def handwritten(args: argparse.Namespace) -> dict[str, float]:
     return {"images_per_s": steps * args.batch_size / seconds, "test_accuracy": correct / len(splits.test)}
 
 
+def handwritten_device(args: argparse.Namespace) -> dict[str, float]:
+    """One epoch and an evaluation with the data in tensors and augmentation in batches."""
+    torch.manual_seed(args.seed)
+    splits = synthetic(args.train_size, args.test_size)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (splits.mean, splits.std))
+    model = build_model(args.model, splits.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss()
+
+    start = time.perf_counter()
+    model.train()
+    order = torch.randperm(len(splits.train))
+    steps = len(order) // args.batch_size
+    for step in range(steps):
+        indices = order[step * args.batch_size : (step + 1) * args.batch_size]
+        crops = torch.randint(0, 2 * CROP_PADDING + 1, (len(indices), 2))
+        params = torch.cat(
+            [crops, torch.randint(0, 2, (len(indices), 1)), torch.zeros(len(indices), 2, dtype=torch.int64)], 1
+        )
+        images = augment_batch(splits.train.images[indices], params, mean, std, CROP_PADDING, cutout=0)
+        loss = criterion(model(images), splits.train.labels[indices])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for begin in range(0, len(splits.test), args.batch_size):
+            images = normalize(splits.test.images[begin : begin + args.batch_size], mean, std)
+            correct += int((model(images).argmax(1) == splits.test.labels[begin : begin + args.batch_size]).sum())
+    seconds = time.perf_counter() - start
+    return {"images_per_s": steps * args.batch_size / seconds, "test_accuracy": correct / len(splits.test)}
+
+
 class TorchDefaults:
     """The process-wide settings train.py changes (determinism, signal handlers),
     captured now and put back by :meth:`restore`."""
@@ -108,6 +150,7 @@ def pipeline(args: argparse.Namespace, run_dir: Path, defaults: TorchDefaults) -
         "--model", args.model,
         "--batch-size", str(args.batch_size),
         "--num-workers", str(args.num_workers),
+        "--data-pipeline", args.data_pipeline,
         "--seed", str(args.seed),
         "--epochs", "1",
         "--determinism", args.determinism,
@@ -133,6 +176,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=5120, help="synthetic training images: one epoch")
     parser.add_argument("--test-size", type=int, default=512, help="synthetic test images, evaluated once")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of both loops")
+    parser.add_argument("--data-pipeline", default="dataloader", choices=["dataloader", "device"])
     parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"], help="train.py's only")
     parser.add_argument("--seed", type=int, default=2333)
     parser.add_argument("--repeats", type=int, default=5, help="pairs of runs")
@@ -147,13 +191,14 @@ def main() -> None:
     benchlib.print_environment(info)
     print(
         f"# {args.model}, batch {args.batch_size}, {args.train_size} synthetic training images (one epoch), "
-        f"{args.test_size} test images, {args.num_workers} workers, train.py --determinism {args.determinism}"
+        f"{args.test_size} test images, {args.data_pipeline} pipeline, {args.num_workers} workers, "
+        f"train.py --determinism {args.determinism}"
     )
     runs: dict[str, list[dict[str, float]]] = {"train.py": [], "hand-written": []}
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as scratch:
         sides = {
             "train.py": lambda: pipeline(args, Path(scratch) / "run", defaults),
-            "hand-written": lambda: handwritten(args),
+            "hand-written": lambda: (handwritten_device if args.data_pipeline == "device" else handwritten)(args),
         }
         for warm_up in sides.values():  # not counted: first use of the allocator, thread pool, lazy imports
             warm_up()
