@@ -407,15 +407,18 @@ def train(
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(progress.position, 1)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
+        train_seconds = time.perf_counter() - epoch_start  # .item() above waited for the device
         result = evaluate(model, test_loader, config, accelerator)
-        seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch + 1,
             "step": progress.step,
             "train_loss": train_loss,
             **result,
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": (progress.position - first_position) * config.batch_size / seconds,
+            # Timing fields end in _s; `python -m repro compare` leaves them out.
+            "images_per_s": (progress.position - first_position) * config.batch_size / train_seconds,
+            "train_s": train_seconds,
+            "eval_s": time.perf_counter() - epoch_start - train_seconds,
             "elapsed_s": time.perf_counter() - start_time,
         }
         if accelerator.is_main_process:

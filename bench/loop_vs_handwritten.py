@@ -6,9 +6,9 @@ size, loss and optimizer (SGD with Nesterov momentum) for one epoch, then
 evaluate the same test set, with the same number of threads and DataLoader
 workers. The pipeline is train.py's ``main`` with command-line arguments, at
 its defaults (strict determinism, per-sample augmentation seeding, its sampler,
-checkpoints); its figure is ``images_per_s`` from its ``metrics.jsonl``: the
-epoch's training images over the seconds from the start of the epoch to the
-end of its evaluation. The hand-written loop is timed over the same span, with
+checkpoints); its figure comes from its ``metrics.jsonl``: the epoch's
+training images over ``train_s + eval_s``, the seconds from the start of the
+epoch to the end of its evaluation. The hand-written loop is timed over the same span, with
 torch's default settings (which train.py's strict mode changes, so they are put
 back after each train.py run).
 
@@ -166,7 +166,8 @@ def pipeline(args: argparse.Namespace, run_dir: Path, defaults: TorchDefaults) -
     if status != 0:
         raise RuntimeError(f"train.py {' '.join(argv)} returned {status}:\n{output.getvalue()[-2000:]}")
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"images_per_s": record["images_per_s"], "test_accuracy": record["test_accuracy"]}
+    images = record["images_per_s"] * record["train_s"]  # images_per_s counts training time only
+    return {"images_per_s": images / (record["train_s"] + record["eval_s"]), "test_accuracy": record["test_accuracy"]}
 
 
 def parse_args() -> argparse.Namespace:

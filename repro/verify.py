@@ -268,7 +268,7 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
     Compared: the manifests (without timing fields), the environment
     fingerprints, ``config.yaml`` (without where and how the run was started:
     ``output_dir``, ``overwrite``, ``resume``), ``metrics.jsonl`` line by line
-    (without timing: ``images_per_s``, ``elapsed_s``), and the final weights
+    (without timing fields, whose names end in ``_s``), and the final weights
     (``weights_sha256``; when it differs, the tensors of ``model.safetensors``
     that differ and by how much at most).
 

@@ -57,7 +57,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def without_timing(rows: list[dict]) -> list[dict]:
     """Metrics rows without the fields that measure speed, which no two runs share."""
-    return [{k: v for k, v in row.items() if k not in ("images_per_s", "elapsed_s")} for row in rows]
+    return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in rows]
 
 
 def train_ok(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> dict:

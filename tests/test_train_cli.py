@@ -23,7 +23,7 @@ def test_run_folder_holds_config_metrics_manifest_and_weights(reference_run):
         assert manifest["environment"][package]
     metrics = read_metrics(reference_run)
     assert [m["epoch"] for m in metrics] == [1, 2]
-    for key in ("step", "train_loss", "test_accuracy", "lr", "images_per_s", "elapsed_s"):
+    for key in ("step", "train_loss", "test_accuracy", "lr", "images_per_s", "train_s", "eval_s", "elapsed_s"):
         assert key in metrics[-1]
     assert manifest["python_hash_seed"] == "0"
 
