@@ -35,7 +35,15 @@ from tqdm import tqdm
 
 from cifar import checkpoint
 from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, parse_config
-from cifar.data import DataError, Splits, Transformed, load_splits, test_transform, train_transform
+from cifar.data import (
+    TRAIN_TRANSFORM_GENERATORS,
+    DataError,
+    Splits,
+    Transformed,
+    load_splits,
+    test_transform,
+    train_transform,
+)
 from cifar.device_data import DeviceTestBatches, DeviceTrainBatches
 from cifar.models import build_model
 from cifar.outputs import MetricsLog, check_output_dir, default_output_dir, write_config, write_json
@@ -114,7 +122,8 @@ def build_loaders(
         train_batches = DeviceTrainBatches(splits.train, sampler, seeds, *stats, config.cutout, device)
         test_batches = DeviceTestBatches(splits.test, rank, world_size, config.batch_size // world_size, *stats, device)
         return train_batches, sampler, test_batches
-    train_set = SeededAugmentation(splits.train, train_transform(splits, config.cutout), seeds)
+    transform = train_transform(splits, config.cutout)
+    train_set = SeededAugmentation(splits.train, transform, seeds, generators=TRAIN_TRANSFORM_GENERATORS)
     common = {
         "num_workers": config.num_workers,
         "pin_memory": accelerator.device.type == "cuda",

@@ -13,8 +13,10 @@
    ``repro.loader.WorkerSeeder``:
 
    - loader throughput (batches produced, no training) at 0 and 2 workers,
-     and at 0 workers also ``SeededAugmentation(isolate_numpy=False)``, which
-     skips saving and restoring NumPy's global state around each sample;
+     for train.py's ``SeededAugmentation(generators=("torch",))`` (its
+     transforms draw from torch alone) and for the library's default, which
+     also reseeds ``random`` and NumPy (and in the main process saves and
+     restores them around each sample);
    - training throughput (loader and step) at 0 workers, where the seeding runs
      in the training process itself;
    - where the time goes: microseconds per call of the augmentation and of
@@ -45,9 +47,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cifar.data import Splits, Transformed, synthetic, train_transform
+from cifar.data import TRAIN_TRANSFORM_GENERATORS, Splits, Transformed, synthetic, train_transform
 from cifar.models import build_model
-from repro.augment import SeededAugmentation, seed_sample_generators
+from repro.augment import GENERATORS, SeededAugmentation, seed_sample_generators
 from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
 from repro.seeds import SeedPlan
 
@@ -91,11 +93,11 @@ def alternate(repeats: int, sides: dict[str, Callable[[], float]]) -> dict[str, 
     return results
 
 
-def seeded_loader(splits: Splits, batch_size: int, workers: int, *, isolate_numpy: bool = True) -> DataLoader:
+def seeded_loader(
+    splits: Splits, batch_size: int, workers: int, *, generators: tuple[str, ...] = TRAIN_TRANSFORM_GENERATORS
+) -> DataLoader:
     """The training loader as train.py builds it, for one process."""
-    dataset = SeededAugmentation(
-        splits.train, train_transform(splits, cutout=0), SeedPlan(SEED), isolate_numpy=isolate_numpy
-    )
+    dataset = SeededAugmentation(splits.train, train_transform(splits, cutout=0), SeedPlan(SEED), generators=generators)
     return DataLoader(
         dataset,
         batch_sampler=GlobalBatchSampler(len(dataset), batch_size, SEED),
@@ -191,13 +193,16 @@ def seeding_cost(args: argparse.Namespace, splits: Splits) -> list[dict[str, Any
         "load, 0 workers": {
             "seeded": loader_block(lambda: seeded_loader(splits, size, 0), count, None),
             "plain": loader_block(lambda: plain_loader(splits, size, 0), count, None),
-            "seeded, isolate_numpy=False": loader_block(
-                lambda: seeded_loader(splits, size, 0, isolate_numpy=False), count, None
+            "seeded, all generators": loader_block(
+                lambda: seeded_loader(splits, size, 0, generators=GENERATORS), count, None
             ),
         },
         "load, 2 workers": {
             "seeded": loader_block(lambda: seeded_loader(splits, size, 2), count, None),
             "plain": loader_block(lambda: plain_loader(splits, size, 2), count, None),
+            "seeded, all generators": loader_block(
+                lambda: seeded_loader(splits, size, 2, generators=GENERATORS), count, None
+            ),
         },
         "train small_cnn, 0 workers": {
             "seeded": loader_block(lambda: seeded_loader(splits, size, 0), count, step),
@@ -227,15 +232,19 @@ def per_call_costs(splits: Splits, calls: int = 2000) -> dict[str, float]:
     """Microseconds per call of the augmentation and of each part of per-sample seeding."""
     transform = train_transform(splits, cutout=0)
     image = splits.train.images[0]
-    # The state SeededAugmentation saves and restores around each sample in the main process.
-    numpy_bit_generator = np.random.mtrand._rand._bit_generator
+    # The state SeededAugmentation saves and restores around each sample in the main
+    # process when told to reseed NumPy: the bit generator's and the cached Gaussian.
+    numpy_global = np.random.mtrand._rand
 
     def numpy_save_restore() -> None:
-        numpy_bit_generator.state = numpy_bit_generator.state
+        numpy_global.set_state(numpy_global.get_state(legacy=False))
 
     parts = {
         "augmentation of one image (train_transform)": lambda: transform(image),
         "seed_sample_generators (torch, random, NumPy)": lambda: seed_sample_generators(SEED),
+        "torch.default_generator get_state + set_state (main process)": lambda: torch.default_generator.set_state(
+            torch.default_generator.get_state()
+        ),
         "torch.default_generator.manual_seed alone": lambda: torch.default_generator.manual_seed(SEED),
         "NumPy state save + restore (main process)": numpy_save_restore,
         "random.getstate + setstate (main process)": lambda: random.setstate(random.getstate()),

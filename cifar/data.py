@@ -201,6 +201,12 @@ class Cutout(nn.Module):
         return image
 
 
+# The global generators train_transform draws from (torchvision's transforms and
+# Cutout use torch's CPU generator alone): SeededAugmentation reseeds only these,
+# and raises if the transform draws from another.
+TRAIN_TRANSFORM_GENERATORS = ("torch",)
+
+
 def train_transform(splits: Splits, cutout: int) -> nn.Module:
     """Random crop with 4 pixels of zero padding, horizontal flip, normalise, optional cutout."""
     steps: list[nn.Module] = [

@@ -5,20 +5,46 @@ never on which worker or process loaded it or on what was loaded before: then
 ``num_workers`` does not change the result, and a resumed run augments exactly
 as the original did.
 
-:class:`SeededAugmentation` reseeds, for each sample, the three generators that
-transforms draw from: torch's CPU generator (torchvision), Python's ``random``
-and NumPy's global state. Reseeding them costs about 10 µs; ``torch.manual_seed``
-would cost 75 µs on a CUDA build, so it is not used. In the main process
-(``num_workers=0``) the three states are saved before and restored after, so the
-caller's streams are untouched; NumPy's save and restore costs about 90 µs, so
-pass ``isolate_numpy=False`` if nothing in the main process draws from NumPy's
-global state. In a worker process nothing is restored: nothing else draws there.
+:class:`SeededAugmentation` reseeds, for each sample, the global generators that
+the transform draws from, named by its ``generators`` argument: ``"torch"``
+(torch's CPU generator, which torchvision's transforms draw from), ``"random"``
+(Python's) and ``"numpy"`` (NumPy's global state). In the main process
+(``num_workers=0``) it also saves those generators' states before the transform
+and restores them after, so the caller's streams are untouched; in a worker
+process nothing is restored, as nothing else draws there.
+
+What each generator costs per sample, measured on a CPU against about 300 µs
+for a crop, flip and normalise of a CIFAR image (see BENCHMARKS.md):
+
+- ``"torch"``: under 2 µs to reseed (``torch.default_generator.manual_seed``;
+  ``torch.manual_seed`` would also reseed every CUDA device, 75 µs on a CUDA
+  build, so it is not used), and about 3 µs to save and restore. With
+  ``generators=("torch",)`` the whole overhead of a sample, seed derivation
+  included, is about 10 µs in the main process.
+- ``"random"`` and ``"numpy"``: 33-38 µs to reseed the two; in the main process
+  also 17-28 µs to save and restore ``random``'s state and 150-180 µs to save
+  and restore NumPy's.
+
+The default, all three, is safe for any transform. A transform made only of
+torchvision's transforms, or of code that draws with ``torch.rand`` and its kin,
+draws from torch's CPU generator alone: pass ``generators=("torch",)``, which
+removes nearly all of the cost.
+
+A wrong choice must not pass silently: on the first sample each process
+augments (the main process and each DataLoader worker), the states of the
+generators not named are compared before and after the transform, and a change
+raises ``ValueError`` naming the generator to add. The check runs once per
+process (a few hundred µs, for NumPy's state) and costs nothing afterwards. It
+sees only what that first sample's transform draws, so a transform that draws
+from another generator only now and then (behind a random branch) can still
+slip past it.
 """
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -28,16 +54,86 @@ from torch.utils.data import Dataset, get_worker_info
 from repro.seeding import library_seeds
 from repro.seeds import SeedPlan, mix64
 
-_numpy_bit_generator = np.random.mtrand._rand._bit_generator
+GENERATORS = ("torch", "random", "numpy")
+"""The global generators :class:`SeededAugmentation` can reseed, by name."""
+
+_DESCRIPTIONS = {
+    "torch": "torch's CPU generator",
+    "random": "Python's random",
+    "numpy": "NumPy's global generator",
+}
+
+# NumPy's global RandomState, which ``np.random.rand`` and its kin draw from.
+_numpy_global = np.random.mtrand._rand
 
 
-def seed_sample_generators(seed: int) -> None:
-    """Seed torch's CPU generator, ``random`` and NumPy's global state from a
-    64-bit per-sample ``seed``. Cheap (about 10 µs)."""
+def _get_numpy_state() -> dict[str, Any]:
+    # The bit generator's state and the cached Gaussian (``randn`` draws two at
+    # a time and keeps one), which the bit generator's state alone would miss.
+    return _numpy_global.get_state(legacy=False)
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    _numpy_global.set_state(state)
+
+
+def _same_numpy_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (
+        a["state"]["pos"] == b["state"]["pos"]
+        and np.array_equal(a["state"]["key"], b["state"]["key"])
+        and a["has_gauss"] == b["has_gauss"]
+        and a["gauss"] == b["gauss"]
+    )
+
+
+# name: (get the state, set the state, are two states equal)
+_STATE = {
+    "torch": (torch.default_generator.get_state, torch.default_generator.set_state, torch.equal),
+    "random": (random.getstate, random.setstate, lambda a, b: a == b),
+    "numpy": (_get_numpy_state, _set_numpy_state, _same_numpy_state),
+}
+
+
+def check_generators(generators: Iterable[str]) -> tuple[str, ...]:
+    """Return ``generators`` as a tuple after checking that it names a non-empty
+    subset of :data:`GENERATORS`, each once; raise ``ValueError`` otherwise."""
+    choices = ", ".join(repr(name) for name in GENERATORS)
+    if isinstance(generators, str):
+        raise ValueError(f"generators must be a tuple of names such as ('torch',), not the string {generators!r}")
+    generators = tuple(generators)
+    if not generators:
+        raise ValueError(f"generators is empty: name at least one of {choices}")
+    for name in generators:
+        if name not in GENERATORS:
+            raise ValueError(f"unknown generator {name!r} in generators: choose from {choices}")
+        if generators.count(name) > 1:
+            raise ValueError(f"generator {name!r} appears more than once in generators {generators!r}")
+    return generators
+
+
+def _seed(seed: int, seed_torch: bool, seed_random: bool, seed_numpy: bool) -> None:
+    if not (seed_random or seed_numpy):
+        # library_seeds gives torch the seed itself; skipping its two mixes saves 2 µs.
+        torch.default_generator.manual_seed(seed)
+        return
     python_seed, numpy_words, torch_seed = library_seeds(seed)
-    torch.default_generator.manual_seed(torch_seed)
-    random.seed(python_seed)
-    np.random.seed(numpy_words)
+    if seed_torch:
+        torch.default_generator.manual_seed(torch_seed)
+    if seed_random:
+        random.seed(python_seed)
+    if seed_numpy:
+        np.random.seed(numpy_words)
+
+
+def seed_sample_generators(seed: int, generators: Iterable[str] = GENERATORS) -> None:
+    """Seed the named global generators (by default torch's CPU generator,
+    ``random`` and NumPy's global state) from a 64-bit per-sample ``seed``.
+
+    Each library gets its own seed from :func:`repro.seeding.library_seeds`.
+    Reseeding torch costs under 2 µs, ``random`` and NumPy together 33-38 µs.
+    """
+    names = check_generators(generators)
+    _seed(seed, "torch" in names, "random" in names, "numpy" in names)
 
 
 class SeededAugmentation(Dataset):
@@ -45,16 +141,33 @@ class SeededAugmentation(Dataset):
 
     Index it with ``(epoch, index)`` keys, as :class:`repro.loader.GlobalBatchSampler`
     yields them. ``dataset[index]`` must return ``(input, target)``; the
-    transform is applied to the input. Any transform may be used: torchvision's
-    (which draw from torch's CPU generator), or code that draws from ``random``
-    or NumPy's global state.
+    transform is applied to the input.
+
+    Before each sample's transform the generators named in ``generators`` are
+    reseeded from the sample's seed; in the main process (``num_workers=0``)
+    their states are saved before and restored after, so the caller's streams
+    are untouched. The default, all three, suits any transform but costs, per
+    sample, 33-38 µs to reseed ``random`` and NumPy and, in the main process,
+    170-210 µs more to save and restore their states, against about 300 µs for
+    a crop, flip and normalise. torchvision's transforms draw from torch's CPU
+    generator only: for a transform made of them (or of ``torch.rand`` and its
+    kin) pass ``generators=("torch",)``, which costs a few µs a sample.
+
+    On the first sample each process augments (the main process and each
+    DataLoader worker, told apart by ``os.getpid()``), the states of the
+    generators not named are compared before and after the transform: if the
+    transform drew from one, ``ValueError`` names the generator to add (in the
+    main process, that generator's state is first put back). Only that first
+    sample is checked, so a transform that draws from another generator only on
+    some samples may not be caught.
 
     Args:
         dataset: the un-augmented dataset.
         transform: the random augmentation, a callable on one input.
         seeds: the run's :class:`repro.seeds.SeedPlan` (its aug stream is used).
-        isolate_numpy: save and restore NumPy's global state around each sample
-            in the main process (see the module's notes on cost).
+        generators: the global generators ``transform`` draws from, a non-empty
+            subset of ``("torch", "random", "numpy")``; only these are reseeded
+            (and, in the main process, saved and restored) for each sample.
     """
 
     def __init__(
@@ -63,12 +176,18 @@ class SeededAugmentation(Dataset):
         transform: Callable[[Any], Any],
         seeds: SeedPlan,
         *,
-        isolate_numpy: bool = True,
+        generators: tuple[str, ...] = GENERATORS,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seeds = seeds
-        self.isolate_numpy = isolate_numpy
+        self.generators = check_generators(generators)
+        self._seed_torch = "torch" in self.generators
+        self._seed_random = "random" in self.generators
+        self._seed_numpy = "numpy" in self.generators
+        # The generators not named: checked on the first sample of each process.
+        self._unseeded = tuple(name for name in GENERATORS if name not in self.generators)
+        self._checked_pid: int | None = None
         self._epoch_keys: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -86,16 +205,30 @@ class SeededAugmentation(Dataset):
         sample, target = self.dataset[index]
         seed = self.sample_seed(epoch, index)
         if get_worker_info() is not None:
-            seed_sample_generators(seed)
-            return self.transform(sample), target
-        torch_state = torch.default_generator.get_state()
-        random_state = random.getstate()
-        numpy_state = _numpy_bit_generator.state if self.isolate_numpy else None
+            _seed(seed, self._seed_torch, self._seed_random, self._seed_numpy)
+            return self._apply(sample), target
+        saved = [(name, _STATE[name][0]()) for name in self.generators]
         try:
-            seed_sample_generators(seed)
-            return self.transform(sample), target
+            _seed(seed, self._seed_torch, self._seed_random, self._seed_numpy)
+            return self._apply(sample), target
         finally:
-            torch.default_generator.set_state(torch_state)
-            random.setstate(random_state)
-            if numpy_state is not None:
-                _numpy_bit_generator.state = numpy_state
+            for name, state in saved:
+                _STATE[name][1](state)
+
+    def _apply(self, sample: Any) -> Any:
+        if not self._unseeded or self._checked_pid == os.getpid():
+            return self.transform(sample)
+        before = {name: _STATE[name][0]() for name in self._unseeded}
+        output = self.transform(sample)
+        drawn = [name for name in self._unseeded if not _STATE[name][2](before[name], _STATE[name][0]())]
+        if drawn:
+            for name in drawn:
+                _STATE[name][1](before[name])
+            sources = " and ".join(_DESCRIPTIONS[name] for name in drawn)
+            names = " and ".join(repr(name) for name in drawn)
+            raise ValueError(
+                f"the transform drew from {sources}, which SeededAugmentation(generators={self.generators!r}) "
+                f"does not reseed: add {names} to generators"
+            )
+        self._checked_pid = os.getpid()
+        return output

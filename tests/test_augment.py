@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from repro.augment import SeededAugmentation
+from cifar.data import TRAIN_TRANSFORM_GENERATORS, synthetic, train_transform
+from repro.augment import SeededAugmentation, seed_sample_generators
 from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
 from repro.seeds import SeedPlan
 
@@ -73,3 +75,145 @@ def test_callers_generators_are_untouched_in_the_main_process():
     np.random.seed(1)
     dataset[(0, 5)]
     assert (torch.rand(1).item(), random.random(), np.random.rand()) == expected
+
+
+def torchvision_transform(image):
+    """torchvision only: draws from torch's CPU generator alone."""
+    image = transforms.RandomCrop(32, padding=4)(image)
+    return transforms.RandomHorizontalFlip()(image)
+
+
+def numpy_transform(image):
+    return image.float() + float(np.random.rand())
+
+
+def random_transform(image):
+    return image.float() + random.random()
+
+
+def numpy_in_workers_transform(image):
+    """Draws from NumPy only in a DataLoader worker, so the main process's check passes."""
+    if torch.utils.data.get_worker_info() is not None:
+        np.random.rand()
+    return torchvision_transform(image)
+
+
+@pytest.mark.parametrize(
+    ("generators", "message"),
+    [
+        ((), "generators is empty"),
+        (("torch", "torch"), "'torch' appears more than once"),
+        (("torch", "cuda"), "unknown generator 'cuda'"),
+        (("Torch",), "unknown generator 'Torch'"),
+        ("torch", "not the string 'torch'"),
+    ],
+)
+def test_generators_must_name_a_subset_of_torch_random_numpy_once_each(generators, message):
+    with pytest.raises(ValueError, match=message):
+        SeededAugmentation(Images(), torchvision_transform, SeedPlan(2333), generators=generators)
+
+
+def test_default_generators_augment_as_seed_sample_generators_then_the_transform():
+    dataset = SeededAugmentation(Images(), mixed_transform, SeedPlan(2333))
+    for key in [(0, 0), (1, 3), (7, 39)]:
+        seed_sample_generators(dataset.sample_seed(*key))
+        expected = mixed_transform(Images()[key[1]][0])
+        assert torch.equal(dataset[key][0], expected), key
+
+
+def test_torch_only_augments_a_torchvision_transform_as_the_default_does():
+    default = SeededAugmentation(Images(), torchvision_transform, SeedPlan(2333))
+    torch_only = SeededAugmentation(Images(), torchvision_transform, SeedPlan(2333), generators=("torch",))
+    for key in [(0, i) for i in range(20)] + [(3, 5)]:
+        assert torch.equal(torch_only[key][0], default[key][0]), key
+
+
+def test_torch_only_leaves_random_and_numpy_alone_in_the_main_process():
+    seen = []
+
+    def transform(image):
+        seen.append((random.getstate(), np.random.get_state()))
+        return torchvision_transform(image)
+
+    dataset = SeededAugmentation(Images(), transform, SeedPlan(2333), generators=("torch",))
+    random.seed(1)
+    np.random.seed(1)
+    before = (random.getstate(), np.random.get_state())
+    dataset[(0, 5)]
+    dataset[(0, 6)]
+    # Not reseeded: the transform saw the caller's states; and not changed after.
+    for random_state, numpy_state in [*seen, (random.getstate(), np.random.get_state())]:
+        assert random_state == before[0]
+        assert all(np.array_equal(a, b) for a, b in zip(numpy_state, before[1], strict=True))
+
+
+@pytest.mark.parametrize(("transform", "name"), [(numpy_transform, "numpy"), (random_transform, "random")])
+def test_a_draw_from_a_generator_not_named_raises_in_the_main_process(transform, name):
+    dataset = SeededAugmentation(Images(), transform, SeedPlan(2333), generators=("torch",))
+    random.seed(1)
+    np.random.seed(1)
+    expected = (random.random(), np.random.rand())
+    random.seed(1)
+    np.random.seed(1)
+    with pytest.raises(ValueError, match=f"does not reseed: add '{name}' to generators"):
+        dataset[(0, 0)]
+    assert (random.random(), np.random.rand()) == expected  # the caller's state is put back
+    with pytest.raises(ValueError, match=f"add '{name}'"):
+        dataset[(0, 1)]  # still checked: the failed check did not count
+
+
+def test_a_draw_from_torch_raises_when_torch_is_not_named():
+    dataset = SeededAugmentation(Images(), mixed_transform, SeedPlan(2333), generators=("random", "numpy"))
+    with pytest.raises(ValueError, match=r"drew from torch's CPU generator.*add 'torch' to generators"):
+        dataset[(0, 0)]
+
+
+def torch_only_loader(transform, num_workers: int, data=None) -> DataLoader:
+    dataset = SeededAugmentation(data or Images(), transform, SeedPlan(2333), generators=("torch",))
+    return DataLoader(
+        dataset,
+        batch_sampler=GlobalBatchSampler(len(dataset), 8, 2333),
+        num_workers=num_workers,
+        worker_init_fn=WorkerSeeder(2333),
+        generator=make_generator(2333, "t"),
+    )
+
+
+@pytest.mark.parametrize(("transform", "name"), [(numpy_transform, "numpy"), (random_transform, "random")])
+def test_a_draw_from_a_generator_not_named_raises_from_a_worker(transform, name):
+    with pytest.raises(ValueError, match=rf"(?s)DataLoader worker.*add '{name}' to generators"):
+        next(iter(torch_only_loader(transform, num_workers=1)))
+
+
+def test_the_check_runs_in_each_worker_after_the_main_process_passed_it():
+    loader = torch_only_loader(numpy_in_workers_transform, num_workers=1)
+    loader.dataset[(0, 0)]  # checked and passed in the main process, before the worker copies the dataset
+    with pytest.raises(ValueError, match=r"(?s)DataLoader worker.*add 'numpy' to generators"):
+        next(iter(loader))
+
+
+def test_torch_only_train_transform_batches_are_equal_with_0_or_2_workers():
+    assert TRAIN_TRANSFORM_GENERATORS == ("torch",)  # what train.py passes; with cutout, all of its draws
+    splits = synthetic(64, 8)
+    transform = train_transform(splits, cutout=8)
+    single = list(torch_only_loader(transform, 0, splits.train))
+    multi = list(torch_only_loader(transform, 2, splits.train))
+    assert len(single) == len(multi) == 8
+    for (images, labels), (other_images, other_labels) in zip(single, multi, strict=True):
+        assert torch.equal(images, other_images) and torch.equal(labels, other_labels)
+
+
+def gaussian_transform(image):
+    return image.float() + float(np.random.randn())
+
+
+def test_numpys_cached_gaussian_is_restored_in_the_main_process():
+    # NumPy's legacy randn draws two Gaussians at a time and caches one, outside its bit generator's state.
+    dataset = SeededAugmentation(Images(), gaussian_transform, SeedPlan(2333))
+    np.random.seed(3)
+    np.random.randn()
+    expected = np.random.randn()
+    np.random.seed(3)
+    np.random.randn()
+    dataset[(0, 1)]
+    assert np.random.randn() == expected
