@@ -54,7 +54,8 @@ def augmentation_params(sample_seeds: np.ndarray, height: int, width: int, paddi
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, C, H, W) to float32 on the 0-1 scale, standardised per channel."""
-    return (images.to(torch.float32) / 255 - mean) / std
+    # In place on a fresh copy: one allocation, where strict mode fills each new tensor.
+    return images.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
 
 
 def augment_batch(
@@ -88,7 +89,7 @@ def augment_batch(
     in_rows = (row_steps >= centre_rows - cutout // 2) & (row_steps < centre_rows + (cutout + 1) // 2)
     in_columns = (column_steps >= centre_columns - cutout // 2) & (column_steps < centre_columns + (cutout + 1) // 2)
     square = in_rows[:, None, :, None] & in_columns[:, None, None, :]
-    return batch.masked_fill(square, 0.0)
+    return batch.masked_fill_(square, 0.0)
 
 
 def _channel_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
