@@ -482,8 +482,8 @@ def save(
         "config": config_to_dict(config),
     }
     write_json(run_dir / "manifest.json", manifest)
-    if progress.records:
-        plot_curves(progress.records, run_dir / "curves.png")
+    if progress.records and not plot_curves(progress.records, run_dir / "curves.png"):
+        print("curves.png not written: matplotlib is not installed")
 
 
 def run_dir_of(config: TrainConfig) -> Path:

@@ -26,7 +26,8 @@ e. With a CIFAR-10 folder in ``train/<class>/*`` layout: train.py with
 
 It installs nothing and needs no network. What is missing is skipped with a
 line saying so: stages a and c need only torch, stages b, d and e need train.py's
-imports (accelerate, safetensors, pyyaml, tqdm, matplotlib, torchvision, numpy).
+imports (accelerate, safetensors, pyyaml, tqdm, torchvision, numpy; without
+matplotlib it trains and skips only its curves.png).
 ``--cpu-smoke`` runs every stage for one or two steps on the CPU, to test this
 script where there is no GPU; its figures mean nothing.
 """
@@ -53,7 +54,7 @@ from cifar.models import MODELS, build_model
 from repro.determinism import configure_determinism
 from repro.weights import state_dict_sha256
 
-TRAIN_PY_MODULES = ("numpy", "torchvision", "accelerate", "safetensors", "yaml", "tqdm", "matplotlib")
+TRAIN_PY_MODULES = ("numpy", "torchvision", "accelerate", "safetensors", "yaml", "tqdm")
 SEED = 2333
 PRECISIONS = {"no": "fp32", "bf16": "bf16"}  # mixed_precision values checked for every model, and their labels
 

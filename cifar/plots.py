@@ -5,14 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display on servers and in containers
-import matplotlib.pyplot as plt
+def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
+    """Write ``path`` (PNG) from the metrics records of a run.
 
+    Returns False, writing nothing, when matplotlib is not installed: the plot
+    is a convenience, and a machine with torch and accelerate but no matplotlib
+    (a GPU node's preinstalled image, say) must still train.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # no display on servers and in containers
+    import matplotlib.pyplot as plt
 
-def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    """Write ``path`` (PNG) from the metrics records of a run."""
     epochs = [r["epoch"] for r in records]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
     loss_axis.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train")
@@ -26,3 +33,4 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True

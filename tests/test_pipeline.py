@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
-from conftest import TINY, run_train, train_ok
+from conftest import REPO, TINY, clean_env, run_train, train_ok
 from PIL import Image
 
 IMAGEFOLDER = ["--dataset", "imagefolder", "--model", "small_cnn", "--epochs", "1", "--batch-size", "8",
@@ -75,6 +77,19 @@ def test_curves_png_is_a_valid_image(reference_run):
     with Image.open(reference_run / "curves.png") as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_without_matplotlib_a_run_trains_and_skips_only_the_curves(tmp_path):
+    blocked = tmp_path / "blocked" / "matplotlib"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ImportError("matplotlib is blocked by this test")\n')
+    env = clean_env(PYTHONPATH=f"{blocked.parent}{os.pathsep}{REPO}")
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY, "--epochs", "1", "--output-dir", str(run_dir), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "curves.png not written: matplotlib is not installed" in result.stdout
+    assert (run_dir / "manifest.json").is_file() and (run_dir / "model.safetensors").is_file()
+    assert not (run_dir / "curves.png").exists()
 
 
 def test_diverging_loss_stops_with_a_clear_message(tmp_path):
