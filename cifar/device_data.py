@@ -131,7 +131,12 @@ class DeviceTrainBatches:
         """The augmented images and labels of samples ``indices`` in ``epoch``."""
         height, width = self.images.shape[-2:]
         params = augmentation_params(self.seeds.aug_array(epoch, indices), height, width, CROP_PADDING)
-        on_device = torch.from_numpy(np.stack([indices, *params.T], axis=1)).to(self.device)
+        host = torch.from_numpy(np.stack([indices, *params.T], axis=1))
+        if self.device.type == "cuda":
+            # A copy from pinned memory does not wait for the queued training step, as a
+            # copy from pageable memory does: the host stays ahead and the GPU never idles.
+            host = host.pin_memory()
+        on_device = host.to(self.device, non_blocking=True)
         selected = on_device[:, 0]
         images = augment_batch(self.images[selected], on_device[:, 1:], self.mean, self.std, CROP_PADDING, self.cutout)
         return images, self.labels[selected]
