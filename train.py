@@ -234,6 +234,19 @@ class Progress:
     records: list[dict] = field(default_factory=list)  # metrics of completed epochs
 
 
+@dataclass
+class Training:
+    """One run's training objects: what the loop steps and a checkpoint saves and restores."""
+
+    config: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: GlobalBatchSampler
+
+
 class StopRequest:
     """Turn SIGTERM and SIGINT into a request to stop after the current step.
 
@@ -258,18 +271,10 @@ class StopRequest:
 
 
 def save_checkpoint(
-    run_dir: Path,
-    accelerator: Accelerator,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    sampler: GlobalBatchSampler,
-    progress: Progress,
-    loss_sum: torch.Tensor,
-    config: TrainConfig,
-    test_accuracy: float | None = None,
+    training: Training, progress: Progress, loss_sum: torch.Tensor, test_accuracy: float | None = None
 ) -> None:
     """Write a checkpoint atomically: every rank its RNG state, the main process the rest."""
+    config, run_dir, accelerator, sampler = training.config, training.run_dir, training.accelerator, training.sampler
     staging = checkpoint.staging_dir(run_dir, progress.step)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -277,7 +282,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     rank_state = {"rng": capture_rng_state(), "loss_sum": loss_sum.item()}
     checkpoint.write_rank_state(staging, accelerator.process_index, rank_state)
-    model_state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    model = accelerator.unwrap_model(training.model)
+    model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
@@ -287,27 +293,19 @@ def save_checkpoint(
             "records": progress.records,
             "test_accuracy": test_accuracy,
             "sampler": sampler.state_dict(progress.position - sampler.start_batch),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": training.scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "config": config_to_dict(config),
             "environment": environment_fingerprint(accelerator.num_processes, REPO),
         }
-        checkpoint.write_main(staging, model_state, optimizer.state_dict(), state)
+        checkpoint.write_main(staging, model_state, training.optimizer.state_dict(), state)
         checkpoint.prune(run_dir, config.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
-def resume(
-    config: TrainConfig,
-    run_dir: Path,
-    accelerator: Accelerator,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    sampler: GlobalBatchSampler,
-    metrics: MetricsLog,
-) -> tuple[Progress, torch.Tensor]:
+def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Tensor]:
     """Restore everything from the checkpoint `--resume` names, or start afresh."""
+    config, run_dir, accelerator = training.config, training.run_dir, training.accelerator
     loss_sum = torch.zeros((), device=accelerator.device)
     if config.resume is None:
         return Progress(), loss_sum
@@ -324,12 +322,12 @@ def resume(
         found.state["environment"], environment_fingerprint(accelerator.num_processes, REPO)
     ):
         warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
-    accelerator.unwrap_model(model).load_state_dict(found.model_state())
-    optimizer.load_state_dict(found.optimizer_state())
-    scheduler.load_state_dict(found.state["scheduler"])
+    accelerator.unwrap_model(training.model).load_state_dict(found.model_state())
+    training.optimizer.load_state_dict(found.optimizer_state())
+    training.scheduler.load_state_dict(found.state["scheduler"])
     if accelerator.scaler is not None and found.state["scaler"] is not None:
         accelerator.scaler.load_state_dict(found.state["scaler"])
-    sampler.load_state_dict(found.state["sampler"])
+    training.sampler.load_state_dict(found.state["sampler"])
     rank_state = found.rank_state(accelerator.process_index)
     if rank_state is None:
         warnings.warn("no RNG state for this rank in the checkpoint (world size changed)", stacklevel=1)
@@ -367,13 +365,9 @@ def training_step(
 
 
 def train(
-    config: TrainConfig,
-    run_dir: Path,
-    accelerator: Accelerator,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    loaders: tuple[Batches, GlobalBatchSampler, Batches],
+    training: Training,
+    train_batches: Batches,
+    test_batches: Batches,
     metrics: MetricsLog,
     progress: Progress,
     loss_sum: torch.Tensor,
@@ -383,16 +377,16 @@ def train(
 
     Returns the last evaluation and the signal that stopped the run, if one did.
     """
-    train_loader, sampler, test_loader = loaders
+    config, accelerator, model, sampler = training.config, training.accelerator, training.model, training.sampler
+    optimizer, scheduler = training.optimizer, training.scheduler
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     stop_request = StopRequest()
     start_time, result = time.perf_counter(), {}
-    checkpoint_args = (run_dir, accelerator, model, optimizer, scheduler, sampler, progress)
     for epoch in range(progress.epoch, config.epochs):
         sampler.set_epoch(epoch, progress.position)
         epoch_start, first_position = time.perf_counter(), progress.position
         stopping = False
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not accelerator.is_main_process)
+        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not accelerator.is_main_process)
         for images, labels in bar:
             loss = training_step(model, images, labels, criterion, config, accelerator)
             optimizer.step()
@@ -407,7 +401,7 @@ def train(
             epoch_done = progress.position == len(sampler)
             periodic = config.checkpoint_every and progress.step % config.checkpoint_every == 0
             if not epoch_done and (stopping or periodic):
-                save_checkpoint(*checkpoint_args, loss_sum, config)
+                save_checkpoint(training, progress, loss_sum)
             if stopping:
                 break
         bar.close()
@@ -417,7 +411,7 @@ def train(
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
         train_seconds = time.perf_counter() - epoch_start  # .item() above waited for the device
-        result = evaluate(model, test_loader, config, accelerator)
+        result = evaluate(model, test_batches, config, accelerator)
         record = {
             "epoch": epoch + 1,
             "step": progress.step,
@@ -442,7 +436,7 @@ def train(
         progress.records.append(record)
         progress.epoch, progress.position = epoch + 1, 0
         loss_sum.zero_()
-        save_checkpoint(*checkpoint_args, loss_sum, config, test_accuracy=result["test_accuracy"])
+        save_checkpoint(training, progress, loss_sum, test_accuracy=result["test_accuracy"])
         if stopping:
             return result, stop_request.signal
     return result, None
@@ -516,13 +510,14 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = prepare_run_dir(config, accelerator)
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
-    loaders = build_loaders(config, splits, seeds, accelerator)
+    train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds, accelerator)
-    optimizer, scheduler = build_optimizer(config, model, len(loaders[1]))
+    optimizer, scheduler = build_optimizer(config, model, len(sampler))
     model, optimizer = accelerator.prepare(model, optimizer)
+    training = Training(config, run_dir, accelerator, model, optimizer, scheduler, sampler)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    progress, loss_sum = resume(config, run_dir, accelerator, model, optimizer, scheduler, loaders[1], metrics)
+    progress, loss_sum = resume(training, metrics)
     if accelerator.is_main_process:
         write_config(run_dir, config)
         if progress.step == 0:
@@ -530,9 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.init_trackers("tensorboard")
     accelerator.wait_for_everyone()
 
-    result, stopped_by = train(
-        config, run_dir, accelerator, model, optimizer, scheduler, loaders, metrics, progress, loss_sum, tracer
-    )
+    result, stopped_by = train(training, train_batches, test_batches, metrics, progress, loss_sum, tracer)
     if stopped_by is not None:
         accelerator.print(
             f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint written; "
