@@ -201,6 +201,9 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
+EVALUATION_KEYS = ("test_loss", "test_accuracy", "test_images")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Batches, config: TrainConfig, accelerator: Accelerator) -> dict[str, float]:
     """Test loss and accuracy over the whole test set, each image counted once."""
@@ -251,23 +254,31 @@ class StopRequest:
     """Turn SIGTERM and SIGINT into a request to stop after the current step.
 
     Cluster schedulers send SIGTERM before preemption: the run finishes its
-    step, writes a checkpoint and exits, and `--resume auto` continues it.
+    step, writes a checkpoint and exits, and `--resume auto` continues it. The
+    signal may reach one rank only, so with several processes the ranks agree
+    after every step, and all stop at the same one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, accelerator: Accelerator) -> None:
         self.signal: int | None = None
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._handle)
+        # The ranks agree over a CPU (gloo) group of their own: reading the result of
+        # an all-reduce on the GPU would make the host wait for the queued step, every step.
+        multi_process = accelerator.num_processes > 1
+        self.group = torch.distributed.new_group(backend="gloo") if multi_process else None
 
     def _handle(self, number: int, frame: object) -> None:
         self.signal = number
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank if a signal reached any rank, so all stop at the same step."""
-        if accelerator.num_processes == 1:
-            return self.signal is not None
-        flag = torch.tensor([0 if self.signal is None else 1], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
+    def agreed(self) -> int | None:
+        """The signal that reached any rank (the highest number, if several did), the same
+        on every rank; None if none did."""
+        if self.group is None:
+            return self.signal
+        number = torch.tensor([self.signal or 0])
+        torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(number.item()) or None
 
 
 def save_checkpoint(
@@ -380,8 +391,11 @@ def train(
     config, accelerator, model, sampler = training.config, training.accelerator, training.model, training.sampler
     optimizer, scheduler = training.optimizer, training.scheduler
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    stop_request = StopRequest()
-    start_time, result = time.perf_counter(), {}
+    stop_request = StopRequest(accelerator)
+    start_time, stopped_by = time.perf_counter(), None
+    # Resumed from the last epoch's checkpoint, a run has no epoch left to evaluate:
+    # its result is that epoch's evaluation.
+    result = {key: progress.records[-1][key] for key in EVALUATION_KEYS} if progress.records else {}
     for epoch in range(progress.epoch, config.epochs):
         sampler.set_epoch(epoch, progress.position)
         epoch_start, first_position = time.perf_counter(), progress.position
@@ -397,7 +411,8 @@ def train(
             progress.step += 1
             if tracer is not None:
                 tracer.record(progress.step, loss.item(), accelerator.unwrap_model(model))
-            stopping = progress.step == config.max_steps or stop_request.agreed(accelerator)
+            stopped_by = stop_request.agreed()
+            stopping = progress.step == config.max_steps or stopped_by is not None
             epoch_done = progress.position == len(sampler)
             periodic = config.checkpoint_every and progress.step % config.checkpoint_every == 0
             if not epoch_done and (stopping or periodic):
@@ -405,8 +420,8 @@ def train(
             if stopping:
                 break
         bar.close()
-        if stop_request.signal is not None and progress.position < len(sampler):
-            return result, stop_request.signal
+        if stopped_by is not None and progress.position < len(sampler):
+            return result, stopped_by
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(progress.position, 1)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
@@ -438,7 +453,7 @@ def train(
         loss_sum.zero_()
         save_checkpoint(training, progress, loss_sum, test_accuracy=result["test_accuracy"])
         if stopping:
-            return result, stop_request.signal
+            return result, stopped_by
     return result, None
 
 

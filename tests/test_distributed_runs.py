@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO, TINY, clean_env, read_manifest, read_metrics
-from test_resume import assert_same_run
+from test_resume import assert_same_run, wait_for_checkpoint
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CPU_GLOO = str(REPO / "configs" / "accelerate" / "cpu_gloo.yaml")
@@ -21,10 +23,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def two_process_command(run_dir: Path, *args: str) -> list[str]:
+    launcher = [ACCELERATE, "launch", "--config_file", CPU_GLOO, "--main_process_port", str(free_port())]
+    return [*launcher, str(REPO / "train.py"), *TINY, "--output-dir", str(run_dir), *args]
+
+
 def launch_two_processes(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [ACCELERATE, "launch", "--config_file", CPU_GLOO, "--main_process_port", str(free_port())]
     result = subprocess.run(
-        [*command, str(REPO / "train.py"), *TINY, "--output-dir", str(run_dir), *args],
+        two_process_command(run_dir, *args),
         cwd=REPO,
         env=clean_env(),
         capture_output=True,
@@ -63,6 +69,29 @@ def test_two_process_run_resumes_bitwise(two_process_run, tmp_path):
     run_dir = tmp_path / "run"
     launch_two_processes(run_dir, "--max-steps", "5")
     launch_two_processes(run_dir, "--resume", "latest")
+    assert_same_run(run_dir, two_process_run)
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_matches(two_process_run, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        two_process_command(run_dir, "--checkpoint-every", "1"),
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_checkpoint(run_dir, launcher)
+    workers = {p.environ().get("RANK"): p for p in psutil.Process(launcher.pid).children(recursive=True)}
+    workers["1"].send_signal(signal.SIGTERM)  # rank 1 only: rank 0, which writes the checkpoint, must learn of it
+    output, _ = launcher.communicate(timeout=120)
+    assert "stopped by SIGTERM at step" in output, output[-3000:]
+    step = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert step < 16  # stopped before the end of the run
+    stopped = run_dir / "checkpoints" / f"step-{step:08d}"
+    assert sorted(p.name for p in stopped.glob("rank-*.json")) == ["rank-0.json", "rank-1.json"]
+    launch_two_processes(run_dir, "--resume", "latest", "--checkpoint-every", "1")
     assert_same_run(run_dir, two_process_run)
 
 

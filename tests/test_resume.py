@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,16 @@ def test_kill_9_at_random_moments_then_resume_auto(reference_run, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert_same_run(run_dir, reference_run)
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_killed_between_the_last_checkpoint_and_the_final_files_resume_writes_them(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    for name in ("manifest.json", "model.safetensors", "curves.png"):
+        (run_dir / name).unlink()
+    train_ok(run_dir, "--resume", "latest")  # nothing left to train: the last checkpoint holds the result
+    assert_same_run(run_dir, reference_run)
+    assert (run_dir / "curves.png").is_file()
 
 
 def test_sigterm_checkpoints_within_a_step_and_resume_matches(reference_run, tmp_path):
