@@ -51,7 +51,7 @@ class TrainConfig:
     data_pipeline: Literal["dataloader", "device"] = _field(
         "dataloader",
         "dataloader: torchvision transforms per sample in worker processes (any transform); "
-        "device: the dataset on the device, augmented there in batches (no workers; for GPUs)",
+        "device: the dataset on the device (GPU or CPU), augmented there a batch at a time; no workers",
     )
     num_workers: int = _field(
         2, "DataLoader worker processes per rank; does not change the result (unused with --data-pipeline device)"
