@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,13 @@ TINY = [
     "--lr", "0.05",
     "--num-workers", "0",
 ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

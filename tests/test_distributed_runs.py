@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, TINY, clean_env, read_manifest, read_metrics
+from conftest import REPO, TINY, clean_env, free_port, read_manifest, read_metrics
 from test_resume import assert_same_run, wait_for_checkpoint
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CPU_GLOO = str(REPO / "configs" / "accelerate" / "cpu_gloo.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def two_process_command(run_dir: Path, *args: str) -> list[str]:

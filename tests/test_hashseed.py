@@ -5,13 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, free_port
 
 PROBE = (
     "import repro.hashseed, os\n"
     "repro.hashseed.ensure_hash_seed()\n"
     "words = {'alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta'}\n"
-    "print(os.environ.get('RANK', '-'), os.environ['PYTHONHASHSEED'], hash('reproducible'), list(words))\n"
+    "fields = [os.environ.get('RANK', '-'), os.environ['PYTHONHASHSEED'], hash('reproducible'), list(words)]\n"
+    # One write of the whole line: print() may write it in pieces, which two ranks would interleave.
+    "os.write(1, (' '.join(map(str, fields)) + '\\n').encode())\n"
 )
 
 
@@ -41,9 +43,9 @@ def test_a_fixed_user_value_is_kept():
 def test_effective_under_torchrun_in_every_process(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531"]
-    first = launch(*torchrun, str(script))
-    second = launch(*torchrun, str(script))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+    first = launch(*torchrun, str(free_port()), str(script))
+    second = launch(*torchrun, str(free_port()), str(script))
     assert [line.split()[0] for line in first] == ["0", "1"]
     assert first == second
     assert first[0].split(maxsplit=1)[1] == first[1].split(maxsplit=1)[1]

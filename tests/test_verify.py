@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, clean_env, read_manifest, train_ok
+from conftest import REPO, TINY, clean_env, free_port, read_manifest, train_ok
 
 from repro.__main__ import main
 from repro.augment import SeededAugmentation
@@ -39,12 +38,6 @@ def repro_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 def output(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def use_clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
