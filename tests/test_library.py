@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, free_port
 from torch import nn
 
 from repro.audit import audit_model
@@ -105,7 +105,7 @@ def test_rank_detection_from_launcher_variables(monkeypatch, env, rank, world, l
 def test_rank_detection_uses_the_process_group_once_it_exists():
     code = (
         "import os, torch.distributed as dist\n"
-        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29533', RANK='0', WORLD_SIZE='1')\n"
+        f"os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='{free_port()}', RANK='0', WORLD_SIZE='1')\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "os.environ['RANK'] = '7'\n"
         "from repro.distributed import get_rank, get_world_size\n"
