@@ -44,10 +44,12 @@ from cifar.data import (
     test_transform,
     train_transform,
 )
-from cifar.device_data import DeviceTestBatches, DeviceTrainBatches
-from cifar.models import build_model
+from cifar.device_data import DeviceTestBatches, DeviceTrainBatches, normalize
+from cifar.lookahead import Lookahead
+from cifar.models import SpeedrunNet, build_model
 from cifar.outputs import MetricsLog, check_output_dir, default_output_dir, write_config, write_json
 from cifar.plots import plot_curves
+from cifar.tta import tta_logits
 from repro.audit import audit_model
 from repro.augment import SeededAugmentation
 from repro.determinism import configure_determinism
@@ -119,10 +121,20 @@ def build_loaders(
     sampler = GlobalBatchSampler(len(splits.train), config.batch_size, order_seed, rank=rank, world_size=world_size)
     if config.data_pipeline == "device":
         device, stats = accelerator.device, (splits.mean, splits.std)
-        train_batches = DeviceTrainBatches(splits.train, sampler, seeds, *stats, config.cutout, device)
+        train_batches = DeviceTrainBatches(
+            splits.train,
+            sampler,
+            seeds,
+            *stats,
+            config.cutout,
+            device,
+            padding=config.crop_padding,
+            padding_mode=config.padding_mode,
+            flip=config.flip,
+        )
         test_batches = DeviceTestBatches(splits.test, rank, world_size, config.batch_size // world_size, *stats, device)
         return train_batches, sampler, test_batches
-    transform = train_transform(splits, config.cutout)
+    transform = train_transform(splits, config.cutout, config.crop_padding, config.padding_mode)
     train_set = SeededAugmentation(splits.train, transform, seeds, generators=TRAIN_TRANSFORM_GENERATORS)
     common = {
         "num_workers": config.num_workers,
@@ -144,12 +156,21 @@ def build_loaders(
     return train_loader, sampler, test_loader
 
 
+WHITENING_IMAGES = 5000  # training images the whitening layer is computed from, as airbench
+
+
 def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accelerator: Accelerator) -> nn.Module:
     """Initialise the weights from the model stream: identical on every rank,
     without touching the runtime stream (dropout) of this process."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seeds.model())
         model = build_model(config.model, splits.num_classes)
+    if isinstance(model, SpeedrunNet):
+        chooser = torch.Generator().manual_seed(seeds.whitening())
+        count = min(WHITENING_IMAGES, len(splits.train))
+        chosen = torch.randperm(len(splits.train), generator=chooser)[:count].sort().values
+        stats = [torch.tensor(values).view(1, -1, 1, 1) for values in (splits.mean, splits.std)]
+        model.init_whitening(normalize(splits.train.images[chosen], *stats))
     if config.determinism == "strict":
         findings = audit_model(model)
         if findings:
@@ -177,43 +198,75 @@ def to_device(
 def build_optimizer(
     config: TrainConfig, model: nn.Module, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD with Nesterov momentum, no weight decay on norms and biases, and a
-    per-step schedule: linear warm-up, then cosine or linear decay to zero."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD with Nesterov momentum and a per-step schedule: linear warm-up, then
+    cosine or linear decay to ``final_lr_factor``.
+
+    Four parameter groups: weights; BatchNorm biases, whose learning rate is
+    scaled by ``norm_bias_lr_scale`` and weight decay divided by it (each step
+    decays them as much as the weights); other biases and norm weights; and the
+    speedrun model's whitening bias, which stops training after
+    ``whiten_bias_epochs``. Frozen parameters are left out.
+    """
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    whitening_biases = {id(m.whiten.bias) for m in model.modules() if isinstance(m, SpeedrunNet)}
+    weights, scaled, others, whitening = [], [], [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) in whitening_biases:
+            whitening.append(parameter)
+        elif id(parameter) in norm_biases:
+            scaled.append(parameter)
+        else:
+            (weights if parameter.ndim > 1 else others).append(parameter)
+    small_decay = config.weight_decay if config.decay_norms_and_biases else 0.0
+    scale = config.norm_bias_lr_scale
+    groups = [
+        {"params": weights, "weight_decay": config.weight_decay},
+        {"params": scaled, "lr": config.lr * scale, "weight_decay": small_decay / scale},
+        {"params": others, "weight_decay": small_decay},
+        {"params": whitening, "weight_decay": small_decay},
+    ]
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=True,
+        [group for group in groups if group["params"]], lr=config.lr, momentum=config.momentum, nesterov=True
     )
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    whitening_steps = config.whiten_bias_epochs * steps_per_epoch
+    start, end = config.warmup_start_factor, config.final_lr_factor
 
     def lr_factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+            return start + (1 - start) * (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
         if config.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return max(1.0 - progress, 0.0)
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+        return end + (1 - end) * (1.0 - progress)
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    def whitening_factor(step: int) -> float:
+        return lr_factor(step) if step < whitening_steps else 0.0
+
+    factors = [lr_factor, lr_factor, lr_factor, whitening_factor]  # one per group, in order
+    used = [factor for group, factor in zip(groups, factors, strict=True) if group["params"]]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, used)
 
 
 EVALUATION_KEYS = ("test_loss", "test_accuracy", "test_images")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Batches, config: TrainConfig, accelerator: Accelerator) -> dict[str, float]:
-    """Test loss and accuracy over the whole test set, each image counted once."""
+def evaluate(
+    model: nn.Module, loader: Batches, config: TrainConfig, accelerator: Accelerator, tta_level: int = 0
+) -> dict[str, float]:
+    """Test loss and accuracy over the whole test set, each image counted once, with
+    test-time augmentation of ``tta_level`` (cifar/tta.py)."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for images, labels in loader:
         images, labels = to_device(images, labels, config, accelerator)
         with accelerator.autocast():
-            logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            logits = tta_logits(model, images, tta_level)
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         totals += torch.stack(
             [
                 loss.double(),
@@ -248,6 +301,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: GlobalBatchSampler
+    lookahead: Lookahead | None = None
 
 
 class StopRequest:
@@ -309,9 +363,17 @@ def save_checkpoint(
             "config": config_to_dict(config),
             "environment": environment_fingerprint(accelerator.num_processes, REPO),
         }
-        checkpoint.write_main(staging, model_state, training.optimizer.state_dict(), state)
+        checkpoint.write_main(staging, model_state, optimizer_state(training), state)
         checkpoint.prune(run_dir, config.keep_checkpoints)
     accelerator.wait_for_everyone()
+
+
+def optimizer_state(training: Training) -> dict:
+    """The optimizer's state, with the lookahead's slow weights when the run has them."""
+    state = training.optimizer.state_dict()
+    if training.lookahead is not None:
+        state = {**state, "lookahead": training.lookahead.state_dict()}
+    return state
 
 
 def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Tensor]:
@@ -334,7 +396,13 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
     ):
         warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
     accelerator.unwrap_model(training.model).load_state_dict(found.model_state())
-    training.optimizer.load_state_dict(found.optimizer_state())
+    saved_optimizer = found.optimizer_state()
+    lookahead_state = saved_optimizer.pop("lookahead", None)
+    training.optimizer.load_state_dict(saved_optimizer)
+    if training.lookahead is not None:
+        if lookahead_state is None:
+            raise checkpoint.CheckpointError(f"{found.path}: no lookahead state, though the run uses lookahead")
+        training.lookahead.load_state_dict(lookahead_state)
     training.scheduler.load_state_dict(found.state["scheduler"])
     if accelerator.scaler is not None and found.state["scaler"] is not None:
         accelerator.scaler.load_state_dict(found.state["scaler"])
@@ -391,6 +459,7 @@ def train(
     config, accelerator, model, sampler = training.config, training.accelerator, training.model, training.sampler
     optimizer, scheduler = training.optimizer, training.scheduler
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    unwrapped, lookahead = accelerator.unwrap_model(model), training.lookahead
     stop_request = StopRequest(accelerator)
     start_time, stopped_by = time.perf_counter(), None
     # Resumed from the last epoch's checkpoint, a run has no epoch left to evaluate:
@@ -409,8 +478,10 @@ def train(
             loss_sum += loss
             progress.position += 1
             progress.step += 1
+            if lookahead is not None:
+                lookahead.after_step(unwrapped, progress.step)
             if tracer is not None:
-                tracer.record(progress.step, loss.item(), accelerator.unwrap_model(model))
+                tracer.record(progress.step, loss.item(), unwrapped)
             stopped_by = stop_request.agreed()
             stopping = progress.step == config.max_steps or stopped_by is not None
             epoch_done = progress.position == len(sampler)
@@ -426,7 +497,8 @@ def train(
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
         train_seconds = time.perf_counter() - epoch_start  # .item() above waited for the device
-        result = evaluate(model, test_batches, config, accelerator)
+        last_epoch = epoch == config.epochs - 1
+        result = evaluate(model, test_batches, config, accelerator, config.tta_level if last_epoch else 0)
         record = {
             "epoch": epoch + 1,
             "step": progress.step,
@@ -529,7 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model_for(config, splits, seeds, accelerator)
     optimizer, scheduler = build_optimizer(config, model, len(sampler))
     model, optimizer = accelerator.prepare(model, optimizer)
-    training = Training(config, run_dir, accelerator, model, optimizer, scheduler, sampler)
+    lookahead = None
+    if config.lookahead_every:
+        total_steps = config.epochs * len(sampler)
+        lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, total_steps)
+    training = Training(config, run_dir, accelerator, model, optimizer, scheduler, sampler, lookahead)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     progress, loss_sum = resume(training, metrics)

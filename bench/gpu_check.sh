@@ -7,6 +7,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR [CIFAR_IMAGEFOLDER_DIR]
 #   bash bench/gpu_check.sh --cpu-smoke OUT_DIR [DIR]   # every stage for 1-2 steps on the CPU
+#   GPU_CHECK_STAGES=fba bash bench/gpu_check.sh OUT_DIR DIR   # some stages, in this order
 #
 # Run from anywhere; it uses the repository it lives in. It installs nothing
 # and needs no network: it runs the python3 on PATH (or $PYTHON) with what is
@@ -50,7 +51,7 @@ fi
     else
         echo "nvidia-smi: not found"
     fi
-    "$python" bench/gpu_check.py "${smoke[@]}" "$out" "${data[@]}"
+    "$python" bench/gpu_check.py "${smoke[@]}" --stages "${GPU_CHECK_STAGES:-abcdef}" "$out" "${data[@]}"
 } 2>&1 | tee "$out/gpu_check.log"
 status=${PIPESTATUS[0]}
 echo "log: $out/gpu_check.log  figures: $out/gpu_check.json"

@@ -57,19 +57,41 @@ class TrainConfig:
         2, "DataLoader worker processes per rank; does not change the result (unused with --data-pipeline device)"
     )
     cutout: int = _field(0, "side of the cutout square in pixels; 0 turns cutout off")
+    crop_padding: int = _field(4, "random translation: pixels of padding on each side before the random crop")
+    padding_mode: Literal["zeros", "reflect"] = _field("zeros", "what fills the crop padding")
+    flip: Literal["random", "alternating"] = _field(
+        "random",
+        "random: each sample flipped with probability 1/2 in each epoch; alternating: a random half in the "
+        "first epoch, and each sample the other way from its previous epoch after that (device pipeline only)",
+    )
+    tta_level: int = _field(
+        0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts"
+    )
 
     # Model.
-    model: Literal["small_cnn", "resnet18", "resnet9"] = _field("resnet18", "network architecture")
+    model: Literal["small_cnn", "resnet18", "resnet9", "speedrun"] = _field("resnet18", "network architecture")
+    whiten_bias_epochs: int = _field(
+        3, "speedrun model: epochs in which the whitening layer's bias trains (its weights never do)"
+    )
 
     # Optimisation.
     epochs: int = _field(200, "passes over the training set; the schedule spans them all")
     batch_size: int = _field(512, "global batch size in images, split evenly over the processes")
     lr: float = _field(0.4, "peak learning rate for the global batch, reached after warm-up")
     momentum: float = _field(0.9, "SGD Nesterov momentum")
-    weight_decay: float = _field(5e-4, "L2 weight decay on weights; norms and biases get none")
+    weight_decay: float = _field(5e-4, "L2 weight decay on weights (norms and biases: see --decay-norms-and-biases)")
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing, 0 to 1")
-    warmup_epochs: float = _field(1.0, "epochs of linear warm-up from 0 to --lr")
-    schedule: Literal["cosine", "onecycle"] = _field("cosine", "decay after warm-up: cosine to 0, or linear to 0")
+    warmup_epochs: float = _field(1.0, "epochs of linear warm-up from --warmup-start-factor x --lr to --lr")
+    warmup_start_factor: float = _field(0.0, "learning rate at the start of warm-up, as a fraction of --lr")
+    schedule: Literal["cosine", "onecycle"] = _field(
+        "cosine", "decay after warm-up to --final-lr-factor x --lr: cosine, or linear (onecycle)"
+    )
+    final_lr_factor: float = _field(0.0, "learning rate at the last step, as a fraction of --lr")
+    norm_bias_lr_scale: float = _field(
+        1.0, "learning-rate multiplier for BatchNorm biases; their weight decay is divided by it (airbench: 64)"
+    )
+    decay_norms_and_biases: bool = _field(False, "apply --weight-decay to norm parameters and biases too")
+    lookahead_every: int = _field(0, "optimizer steps between lookahead (slow weights) updates; 0 turns it off")
     grad_accum_steps: int = _field(
         1, "split each process's batch into this many chunks, one backward each, for one optimizer step"
     )
@@ -215,6 +237,19 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"grad_accum_steps must be positive, got {config.grad_accum_steps}")
     if config.lr <= 0 or config.warmup_epochs < 0 or config.weight_decay < 0:
         raise ConfigError("lr must be positive; warmup_epochs and weight_decay must not be negative")
+    if config.crop_padding < 0 or config.whiten_bias_epochs < 0 or config.lookahead_every < 0:
+        raise ConfigError("crop_padding, whiten_bias_epochs and lookahead_every must not be negative")
+    if not 0 <= config.tta_level <= 2:
+        raise ConfigError(f"tta_level must be 0, 1 or 2, got {config.tta_level}")
+    for name in ("warmup_start_factor", "final_lr_factor"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ConfigError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+    if config.norm_bias_lr_scale <= 0:
+        raise ConfigError(f"norm_bias_lr_scale must be positive, got {config.norm_bias_lr_scale}")
+    if config.flip == "alternating" and config.data_pipeline != "device":
+        raise ConfigError("flip: alternating needs data_pipeline: device (the DataLoader's transforms see no epoch)")
+    if config.padding_mode == "reflect" and config.crop_padding >= 32:
+        raise ConfigError(f"reflect padding must be under the 32-pixel image side, got {config.crop_padding}")
     return config
 
 

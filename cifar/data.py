@@ -207,10 +207,12 @@ class Cutout(nn.Module):
 TRAIN_TRANSFORM_GENERATORS = ("torch",)
 
 
-def train_transform(splits: Splits, cutout: int) -> nn.Module:
-    """Random crop with 4 pixels of zero padding, horizontal flip, normalise, optional cutout."""
+def train_transform(splits: Splits, cutout: int, padding: int = 4, padding_mode: str = "zeros") -> nn.Module:
+    """Random crop from the image padded by ``padding`` pixels (``padding_mode`` "zeros" or
+    "reflect"), horizontal flip, normalise, optional cutout."""
+    fill_mode = {"zeros": "constant", "reflect": "reflect"}[padding_mode]
     steps: list[nn.Module] = [
-        transforms.RandomCrop(IMAGE_SIZE, padding=4),
+        transforms.RandomCrop(IMAGE_SIZE, padding=padding, padding_mode=fill_mode),
         transforms.RandomHorizontalFlip(),
         transforms.ConvertImageDtype(torch.float32),
         transforms.Normalize(splits.mean, splits.std),

@@ -32,7 +32,7 @@ from cifar.data import ImageArray
 from repro.loader import GlobalBatchSampler
 from repro.seeds import SeedPlan, mix64_array
 
-CROP_PADDING = 4  # pixels of zero padding around the image before the random 32x32 crop
+CROP_PADDING = 4  # default pixels of padding around the image before the random 32x32 crop
 
 # The per-sample words that drive the augmentation, in this order.
 _CROP_ROW, _CROP_COLUMN, _FLIP, _CUTOUT_ROW, _CUTOUT_COLUMN = range(5)
@@ -58,25 +58,44 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return images.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
 
 
+def reflect(coordinates: torch.Tensor, size: int) -> torch.Tensor:
+    """Map coordinates in [-size + 1, 2 * size - 2] into [0, size - 1] by mirroring at the
+    border without repeating the edge pixel, as ``pad(mode="reflect")`` does."""
+    coordinates = coordinates.abs()
+    return torch.where(coordinates > size - 1, 2 * (size - 1) - coordinates, coordinates)
+
+
 def augment_batch(
-    images: torch.Tensor, params: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, padding: int, cutout: int
+    images: torch.Tensor,
+    params: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    padding: int,
+    cutout: int,
+    padding_mode: str = "zeros",
 ) -> torch.Tensor:
     """Crop, flip, normalise and cut out a batch of uint8 images (N, C, H, W) on their device.
 
     ``params`` is :func:`augmentation_params`'s array as a tensor on the same
-    device. As the dataloader pipeline does: crop from the zero-padded image,
-    flip, normalise, then zero a ``cutout`` x ``cutout`` square (clipped at the
-    border) of the normalised image; ``cutout=0`` turns cutout off.
+    device. As the dataloader pipeline does: crop from the image padded by
+    ``padding`` pixels (``padding_mode`` "zeros" or "reflect"), flip, normalise,
+    then zero a ``cutout`` x ``cutout`` square (clipped at the border) of the
+    normalised image; ``cutout=0`` turns cutout off.
     """
+    if padding_mode not in ("zeros", "reflect"):
+        raise ValueError(f"padding_mode must be 'zeros' or 'reflect', got {padding_mode!r}")
     count, channels, height, width = images.shape
     device = images.device
-    padded = functional.pad(images, (padding, padding, padding, padding))
     row_steps = torch.arange(height, device=device)
     column_steps = torch.arange(width, device=device)
     flip = params[:, _FLIP, None].bool()
     rows = params[:, _CROP_ROW, None] + row_steps
     columns = params[:, _CROP_COLUMN, None] + torch.where(flip, width - 1 - column_steps, column_steps)
-    cropped = padded[
+    if padding_mode == "zeros":
+        source = functional.pad(images, (padding, padding, padding, padding))
+    else:  # gather straight from the image, at the mirrored coordinates
+        source, rows, columns = images, reflect(rows - padding, height), reflect(columns - padding, width)
+    cropped = source[
         torch.arange(count, device=device)[:, None, None, None],
         torch.arange(channels, device=device)[None, :, None, None],
         rows[:, None, :, None],
@@ -112,9 +131,18 @@ class DeviceTrainBatches:
         std: tuple[float, ...],
         cutout: int,
         device: torch.device,
+        *,
+        padding: int = CROP_PADDING,
+        padding_mode: str = "zeros",
+        flip: str = "random",
     ) -> None:
-        if cutout < 0:
-            raise ValueError(f"cutout must be non-negative, got {cutout}")
+        if cutout < 0 or padding < 0:
+            raise ValueError(f"cutout and padding must be non-negative, got {cutout} and {padding}")
+        if flip not in ("random", "alternating"):
+            raise ValueError(f"flip must be 'random' or 'alternating', got {flip!r}")
+        height, width = split.images.shape[-2:]
+        if padding_mode == "reflect" and padding >= min(height, width):
+            raise ValueError(f"reflect padding must be smaller than the image, got {padding}")
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.sampler = sampler
@@ -123,6 +151,14 @@ class DeviceTrainBatches:
         self.std = _channel_tensor(std, device)
         self.cutout = cutout
         self.device = device
+        self.padding = padding
+        self.padding_mode = padding_mode
+        # Alternating flip: each sample's flip in epoch 0 comes from its epoch-0 seed;
+        # every later epoch flips it the other way from the epoch before.
+        self.first_flips = None
+        if flip == "alternating":
+            every_sample = seeds.aug_array(0, np.arange(len(split.labels)))
+            self.first_flips = augmentation_params(every_sample, height, width, padding)[:, _FLIP]
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -130,7 +166,9 @@ class DeviceTrainBatches:
     def batch(self, epoch: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented images and labels of samples ``indices`` in ``epoch``."""
         height, width = self.images.shape[-2:]
-        params = augmentation_params(self.seeds.aug_array(epoch, indices), height, width, CROP_PADDING)
+        params = augmentation_params(self.seeds.aug_array(epoch, indices), height, width, self.padding)
+        if self.first_flips is not None:
+            params[:, _FLIP] = self.first_flips[indices] ^ (epoch % 2)
         host = torch.from_numpy(np.stack([indices, *params.T], axis=1))
         if self.device.type == "cuda":
             # A copy from pinned memory does not wait for the queued training step, as a
@@ -138,7 +176,9 @@ class DeviceTrainBatches:
             host = host.pin_memory()
         on_device = host.to(self.device, non_blocking=True)
         selected = on_device[:, 0]
-        images = augment_batch(self.images[selected], on_device[:, 1:], self.mean, self.std, CROP_PADDING, self.cutout)
+        images = augment_batch(
+            self.images[selected], on_device[:, 1:], self.mean, self.std, self.padding, self.cutout, self.padding_mode
+        )
         return images, self.labels[selected]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,6 +4,9 @@ pass :func:`repro.audit.audit_model` and run under strict determinism."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
+import torch
 from torch import Tensor, nn
 
 
@@ -108,7 +111,100 @@ class ResNet9(nn.Module):
         return self.fc(self.body(x).amax(dim=(2, 3))) * 0.125
 
 
-MODELS = {"small_cnn": SmallCNN, "resnet18": ResNet18, "resnet9": ResNet9}
+class BiasOnlyBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a trainable bias and no trainable scale (the scale stays 1), as airbench's.
+
+    ``momentum`` is PyTorch's: the weight of the new batch in the running
+    statistics (airbench writes 0.6 for the old statistics' weight, so 0.4 here).
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.4, eps: float = 1e-12) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+def dirac_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 3x3 'same' convolution whose first ``in_channels`` filters start as the identity.
+
+    The rest keep PyTorch's default initialisation: the block starts close to
+    passing its input through, which lets the short schedule train fast.
+    """
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:in_channels])
+    return conv
+
+
+class ConvGroup(nn.Sequential):
+    """conv, max-pool 2, BN, GELU, conv, BN, GELU: one of the speedrun net's three stages."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            dirac_conv(in_channels, out_channels),
+            nn.MaxPool2d(2),
+            BiasOnlyBatchNorm(out_channels),
+            nn.GELU(),
+            dirac_conv(out_channels, out_channels),
+            BiasOnlyBatchNorm(out_channels),
+            nn.GELU(),
+        )
+
+
+class SpeedrunNet(nn.Module):
+    """The network of airbench94 (Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single
+    GPU", arXiv 2404.00498), written from the paper's description.
+
+    A frozen 2x2 patch-whitening convolution (:meth:`init_whitening` sets it from
+    training images; its bias trains for the first epochs only, see
+    ``whiten_bias_epochs``), GELU, three :class:`ConvGroup` stages of 64, 256 and
+    256 channels, a max over the remaining 3x3 pixels, and a bias-free linear
+    layer whose output is scaled by 1/9.
+    """
+
+    WHITEN_KERNEL = 2
+    WIDTHS = (64, 256, 256)
+    LOGIT_SCALE = 1 / 9
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        patch_size = 3 * self.WHITEN_KERNEL**2
+        # Each whitening filter and its negation: GELU then keeps both signs of every direction.
+        self.whiten = nn.Conv2d(3, 2 * patch_size, self.WHITEN_KERNEL, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)
+        widths = (2 * patch_size, *self.WIDTHS)
+        self.body = nn.Sequential(*(ConvGroup(a, b) for a, b in pairwise(widths)))
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
+
+    @torch.no_grad()
+    def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from normalised training images (N, 3, H, W).
+
+        The filters are the eigenvectors of the covariance of all 2x2 patches,
+        each divided by the square root of its eigenvalue (plus ``eps``), so the
+        layer's outputs are decorrelated with unit variance. Computed in float64
+        on the CPU, in chunks: the result does not depend on the device.
+        """
+        kernel = self.WHITEN_KERNEL
+        images = images.detach().to("cpu", torch.float64)
+        size = 3 * kernel**2
+        covariance = torch.zeros(size, size, dtype=torch.float64)
+        count = 0
+        for chunk in images.split(512):
+            # (N, C, H', W', kh, kw) -> one row per patch, ordered (C, kh, kw) like a conv filter.
+            patches = chunk.unfold(2, kernel, 1).unfold(3, kernel, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, size)
+            covariance += patches.T @ patches
+            count += len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance / max(count, 1))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).reshape(size, 3, kernel, kernel)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.body(nn.functional.gelu(self.whiten(x)))
+        return self.head(features.amax(dim=(2, 3))) * self.LOGIT_SCALE
+
+
+MODELS = {"small_cnn": SmallCNN, "resnet18": ResNet18, "resnet9": ResNet9, "speedrun": SpeedrunNet}
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:

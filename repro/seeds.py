@@ -129,6 +129,7 @@ class SeedPlan:
     | stream  | indices               | same on every rank? |
     |---------|-----------------------|---------------------|
     | model   | none                  | yes                 |
+    | whitening | none                | yes                 |
     | order   | epoch                 | yes                 |
     | aug     | epoch, sample index   | yes                 |
     | runtime | rank                  | no                  |
@@ -153,6 +154,11 @@ class SeedPlan:
     def model(self) -> int:
         """Seed for weight initialisation; identical on every rank."""
         return derive_seed(self._base(self.model_seed), "model")
+
+    def whitening(self) -> int:
+        """Seed of the choice of training images a data-dependent initialisation (such as
+        a whitening layer) is computed from; identical on every rank, varied by ``model_seed``."""
+        return derive_seed(self._base(self.model_seed), "whitening")
 
     def order(self, epoch: int) -> int:
         """Seed of the global permutation of the training set in ``epoch``."""
