@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
 # Through importlib because the import has to follow the path set-up above.
 importlib.import_module("repro.hashseed").ensure_hash_seed()
 
-DETERMINISM_MODES = ("strict", "off", "strict-nofill")  # what set_determinism accepts
+DETERMINISM_MODES = ("strict", "off", "strict+fill")  # what set_determinism accepts
 
 
 def cpu_model() -> str:
@@ -112,17 +112,18 @@ def run_process(command: list[str], **kwargs: Any) -> subprocess.CompletedProces
 
 def set_determinism(mode: str) -> None:
     """Apply ``repro.determinism.configure_determinism(mode)``, or for
-    ``"strict-nofill"``, strict mode without torch's filling of uninitialised memory.
+    ``"strict+fill"``, strict mode with torch's filling of uninitialised memory.
 
-    In deterministic mode torch fills every tensor that ``torch.empty`` and its
+    With ``torch.utils.deterministic.fill_uninitialized_memory`` True (torch's
+    default) deterministic mode fills every tensor that ``torch.empty`` and its
     kin create (with NaN, or an integer type's largest value), so that code
-    reading memory it never wrote behaves the same in every run; the third mode
-    measures what that filling costs. ``fill_uninitialized_memory`` is a process
-    setting that ``configure_determinism`` does not touch, so it is set each time.
+    reading memory it never wrote behaves the same in every run. Strict mode
+    turns it off; the third mode, strict mode before that change, measures
+    what the filling costs.
     """
     import torch
 
     from repro.determinism import configure_determinism
 
     configure_determinism("off" if mode == "off" else "strict")
-    torch.utils.deterministic.fill_uninitialized_memory = mode != "strict-nofill"
+    torch.utils.deterministic.fill_uninitialized_memory = mode == "strict+fill"

@@ -1,8 +1,8 @@
 """What reproducibility costs on this machine, as ratios measured in one run.
 
 1. Strict against off determinism (``repro.determinism.configure_determinism``),
-   and strict without torch's filling of uninitialised memory
-   (``benchlib.set_determinism``), to show what that part costs: the training
+   and strict with torch's filling of uninitialised memory, which strict mode
+   leaves off (``benchlib.set_determinism``), to show what it costs: the training
    step (forward, backward, SGD with Nesterov momentum) of each model on a
    fixed random batch, and train.py's loader with 2 workers (they inherit the
    mode), switching the mode between timed blocks.
@@ -174,7 +174,7 @@ def strict_vs_off(args: argparse.Namespace, splits: Splits) -> list[dict[str, An
     rows = []
     for case, measure in cases.items():
         results = alternate(args.repeats, {mode: in_mode(mode, measure) for mode in benchlib.DETERMINISM_MODES})
-        for mode in ("strict", "strict-nofill"):
+        for mode in ("strict", "strict+fill"):
             ratio = benchlib.median_ratio(results[mode], results["off"])
             rows.append(
                 {"case": case, "side": mode, "images_per_s": results[mode], "baseline": results["off"], "ratio": ratio}

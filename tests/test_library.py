@@ -59,11 +59,15 @@ def test_determinism_modes_report_what_they_set(mode):
         assert settings["cudnn_benchmark"] is (mode == "off")
         assert settings["tf32_matmul"] is (mode == "off")
         assert torch.are_deterministic_algorithms_enabled() is (mode != "off")
+        # Torch's default is True: strict mode would fill every new tensor, at a cost.
+        assert settings["fill_uninitialized_memory"] is False
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
         if mode != "off":
             assert settings["cublas_workspace_config"] == ":4096:8"
     finally:
         configure_determinism("off")
         torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 def test_unknown_determinism_mode_raises():

@@ -26,6 +26,8 @@ def test_run_folder_holds_config_metrics_manifest_and_weights(reference_run):
     for key in ("step", "train_loss", "test_accuracy", "lr", "images_per_s", "train_s", "eval_s", "elapsed_s"):
         assert key in metrics[-1]
     assert manifest["python_hash_seed"] == "0"
+    assert manifest["determinism"]["mode"] == "strict"
+    assert manifest["determinism"]["fill_uninitialized_memory"] is False
 
 
 def test_weights_sha256_is_the_hash_of_the_saved_weights(reference_run):

@@ -1,0 +1,39 @@
+"""The training loop never makes the host wait for the GPU between epoch ends.
+
+On a GPU the host queues each step and moves on; one ``.item()``, ``.tolist()``,
+``bool(tensor)``, copy to the host, synchronisation or collective per step
+makes it wait for the device instead, and the GPU idles while the host
+prepares the next step. A CPU run cannot show that wait, so this test counts
+those calls (tests/sync_probe.py) during the steps of each epoch of a real
+train.py run, for both data pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, TINY, clean_env
+
+
+def test_no_synchronising_call_in_the_training_steps(tmp_path):
+    device = [*TINY, "--data-pipeline", "device", "--output-dir", str(tmp_path / "device")]
+    # One worker: the DataLoader's per-sample work (which reads CPU tensors) runs outside
+    # the training process, as on a GPU machine. Two chunks take the step through no_sync.
+    dataloader = [*TINY, "--num-workers", "1", "--grad-accum-steps", "2", "--output-dir", str(tmp_path / "dataloader")]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sync_probe.py"), *device, "--", *dataloader],
+        cwd=REPO,
+        env=clean_env(PYTHONHASHSEED="0"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(runs) == 2, result.stdout[-3000:]
+    assert [run["status"] for run in runs] == [0, 0]
+    assert [run["steps"] for run in runs] == [16, 16]  # TINY: 2 epochs of 256 / 32 steps, all watched
+    calls = {pipeline: run["calls"] for pipeline, run in zip(("device", "dataloader"), runs, strict=True)}
+    assert calls == {"device": {}, "dataloader": {}}, f"calls that wait for the GPU in the steps: {calls}"
