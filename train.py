@@ -34,7 +34,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from cifar import checkpoint
-from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, parse_config
+from cifar.config import (
+    ConfigError,
+    TrainConfig,
+    config_differences,
+    config_to_dict,
+    parse_config,
+    resolve_mixed_precision,
+)
 from cifar.data import (
     TRAIN_TRANSFORM_GENERATORS,
     DataError,
@@ -70,14 +77,16 @@ class UsageError(Exception):
 
 
 def setup_distributed(config: TrainConfig, run_dir: Path) -> Accelerator:
-    """Create the Accelerator; refuse processes that each believe they are alone."""
+    """Create the Accelerator in the resolved precision; refuse processes that each believe they are alone."""
     tensorboard = importlib.util.find_spec("tensorboard") is not None
+    cuda = torch.cuda.is_available()
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         accelerator = Accelerator(
             # Without cpu=True on a machine without CUDA, `accelerate launch --multi_gpu`
             # starts processes that each see a world of one and write the same folder.
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=config.mixed_precision,
+            cpu=not cuda,
+            mixed_precision=resolve_mixed_precision(config.mixed_precision, cuda, native_bf16),
             log_with="tensorboard" if tensorboard else None,
             project_dir=run_dir if tensorboard else None,
         )
@@ -557,6 +566,7 @@ def save(
         "test_images": result["test_images"],
         "weights_sha256": state_dict_sha256(model_state),
         "determinism": determinism,
+        "mixed_precision": accelerator.mixed_precision,  # what ran: the config may say auto
         "python_hash_seed": os.environ.get("PYTHONHASHSEED"),
         "dataset_sha256": splits.fingerprint(),
         "environment": environment_fingerprint(accelerator.num_processes, REPO),
@@ -587,6 +597,9 @@ def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    # CPU kernels split their sums by thread, so the count changes the weights: it comes
+    # from the config, not from the launcher (python takes every core, accelerate launch one).
+    torch.set_num_threads(config.cpu_threads)
     tracer = StepTracer.from_environment(get_rank())
     if tracer is not None:  # under `python -m repro verify`: a short run in the verifier's folder
         config = replace(config, output_dir=str(tracer.run_dir), max_steps=tracer.steps, overwrite=True, resume=None)
@@ -597,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = prepare_run_dir(config, accelerator)
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
+    if config.batch_size > len(splits.train):
+        raise UsageError(
+            f"--batch-size {config.batch_size} is larger than the training set ({len(splits.train)} images)"
+        )
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds, accelerator)
     optimizer, scheduler = build_optimizer(config, model, len(sampler))

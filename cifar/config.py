@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
+import reprlib
 import sys
 import types
 import typing
@@ -24,6 +27,39 @@ from repro.seeds import MAX_USER_SEED
 
 class ConfigError(ValueError):
     """A bad config file, key or value: reported as one line, exit status 2."""
+
+
+# A config is a short flat mapping; a larger file is a mistake or an attack, refused before it is read.
+MAX_CONFIG_BYTES = 1 << 20
+
+# torch accepts any positive count, but crashed (segmentation fault) on the first
+# operation at 10**6 threads; 1024 ran. More than a CPU has only slows a run down.
+MAX_CPU_THREADS = 1024
+
+# The only spellings of a number, on the command line and in a config file. YAML 1.1
+# reads 010 as 8, 0x10 as 16 and 1:30 as 90: a user who typed them meant none of these.
+_DECIMAL_INT = re.compile(r"[-+]?[0-9]+")
+_DECIMAL_FLOAT = re.compile(
+    r"[-+]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE
+)
+
+
+def _short_repr() -> reprlib.Repr:
+    """A ``repr`` that stops after a few items, levels and characters (Python 3.11 has no keyword arguments)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 2, 4, 4, 4, 4
+    short.maxstring, short.maxlong, short.maxother = 60, 40, 60
+    return short
+
+
+_SHORT_REPR = _short_repr()
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to about 80 characters, at a cost bounded whatever the value's size:
+    an error message echoes what it refuses without printing megabytes of it."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _field(default: Any, help: str) -> Any:
@@ -41,6 +77,11 @@ class TrainConfig:
     aug_seed: int | None = _field(None, "augmentation seed, as a run with --seed X would have it")
     determinism: Literal["strict", "warn", "off"] = _field(
         "strict", "strict: bitwise reproducible; warn: same but nondeterministic ops warn; off: fast, not reproducible"
+    )
+    cpu_threads: int = _field(
+        1,
+        "torch threads for CPU operations; the count changes CPU sums and so the weights, "
+        "so it is a setting and not whatever the launcher chose",
     )
 
     # Data.
@@ -95,7 +136,11 @@ class TrainConfig:
     grad_accum_steps: int = _field(
         1, "split each process's batch into this many chunks, one backward each, for one optimizer step"
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = _field("no", "autocast precision; fp16 adds a loss scaler")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _field(
+        "auto",
+        "autocast precision; auto: bf16 on a CUDA device with native bf16, else no (fp32); "
+        "fp16 (with a loss scaler) needs CUDA. The manifest records what ran",
+    )
     channels_last: bool = _field(True, "NHWC memory layout on CUDA (faster convolutions); ignored on the CPU")
     sync_bn: bool = _field(False, "synchronise BatchNorm statistics across processes (needs CUDA)")
     compile: bool = _field(False, "torch.compile the model")
@@ -157,7 +202,7 @@ def coerce(key: str, value: Any) -> Any:
     """Check ``value`` against the type of field ``key`` and return it; ``ConfigError`` if it does not fit."""
     hints = _field_types()
     if key not in hints:
-        raise ConfigError(f"unknown config key {key!r}")
+        raise ConfigError(f"unknown config key {_short(key)}")
     base, choices, optional = _allowed(hints[key])
     if value is None:
         if optional:
@@ -165,76 +210,170 @@ def coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"config key {key!r} cannot be empty")
     if choices is not None:
         if value not in choices:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {_short(value)}")
         return value
-    if base is float and isinstance(value, str):
+    if base is float and isinstance(value, str) and _DECIMAL_FLOAT.fullmatch(value):
         # PyYAML follows YAML 1.1, where 5e-4 (no dot) is a string, not a float.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        return float(value)
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[base]
     # bool is an int subclass: `epochs: true` must not pass as 1.
     if isinstance(value, accepted) and (base is bool or not isinstance(value, bool)):
         return float(value) if base is float else value
-    raise ConfigError(f"config key {key!r} must be {base.__name__}, got {value!r}")
+    raise ConfigError(f"config key {key!r} must be {base.__name__}, got {_short(value)}")
+
+
+def _decimal_int(text: str) -> int:
+    """``int(text)`` for text that matched ``_DECIMAL_INT``; Python refuses more than 4300 digits."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{_short(text)} has too many digits") from None
 
 
 def _parse_flag(key: str, text: str) -> Any:
-    """Convert a command-line string to field ``key``'s type (YAML scalar rules)."""
+    """Convert a command-line string to field ``key``'s type.
+
+    Only plain spellings are read: decimal numbers (inf and nan too, which
+    :func:`validate` then refuses), true/false, the field's choices, and
+    none/null for an optional field. Anything else is an error, never a
+    YAML reading of it (``--seed 010`` is seed 10, ``--seed 0x10`` an error).
+    """
     base, _, optional = _allowed(_field_types()[key])
     if optional and text.lower() in ("none", "null", ""):
         return None
     if base is str:
         return coerce(key, text)
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    return coerce(key, value)
+    if base is int and _DECIMAL_INT.fullmatch(text):
+        return coerce(key, _decimal_int(text))
+    if base is float and _DECIMAL_FLOAT.fullmatch(text):
+        return coerce(key, float(text))
+    if base is bool and text.lower() in ("true", "false"):
+        return coerce(key, text.lower() == "true")
+    spelling = "true or false" if base is bool else "in plain decimal"
+    raise ConfigError(f"config key {key!r} must be {base.__name__} ({spelling}), got {_short(text)}")
+
+
+def _line(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, narrowed to what a config is: one flat mapping of plain values.
+
+    Anchors and aliases are refused (a few hundred bytes of them expand to
+    gigabytes), and so are nested lists and mappings, duplicate keys, and
+    numbers that are not plain decimals. Each refusal is a ``ConfigError``
+    naming the line.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: yaml.Node | None) -> yaml.Node:
+        event = self.peek_event()
+        if event.anchor is not None:
+            raise ConfigError(f"{_line(event.start_mark)}: anchors and aliases (&name, *name) are not allowed")
+        # Refused here, before the composer recurses into them: nesting is never a config value.
+        if parent is not None and isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            what = f"the value of {_short(index.value)}" if isinstance(index, yaml.ScalarNode) else "each key and value"
+            raise ConfigError(f"{_line(event.start_mark)}: {what} must be one plain value, not a list or mapping")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node)  # a scalar: compose_node refused all else
+            if key in seen:
+                raise ConfigError(f"{_line(key_node.start_mark)}: duplicate key {_short(key)}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        if not _DECIMAL_INT.fullmatch(text):
+            raise ConfigError(f"{_line(node.start_mark)}: {_short(text)} is not a plain decimal integer")
+        return _decimal_int(text)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        text = self.construct_scalar(node)
+        if text.lstrip("+-").lower() in (".inf", ".nan"):
+            return super().construct_yaml_float(node)
+        if not _DECIMAL_FLOAT.fullmatch(text):
+            raise ConfigError(f"{_line(node.start_mark)}: {_short(text)} is not a plain decimal number")
+        return float(text)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader.construct_yaml_float)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with the safe loader (no Python objects are ever built)."""
+    """Read a config file: a flat YAML mapping of plain values, at most ``MAX_CONFIG_BYTES`` of UTF-8.
+
+    The safe loader never builds Python objects; see :class:`_ConfigLoader` for what else it refuses.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as file:
+            # Read one byte past the limit rather than trust the size: /dev/zero has size 0.
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.start}: 0x{data[error.start]:02x})"
+        ) from None
+    try:
+        loaded = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: it builds no Python objects
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}, {error}") from None
     except yaml.YAMLError as error:
-        problem = str(error).splitlines()[0]
+        problem = str(error).splitlines()[0][:200]  # the problem may quote a tag or token of any length
         raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
-    if data is None:
+    if loaded is None:
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    return data
+    return loaded
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """Check value ranges that types alone cannot express."""
+    """Check value ranges that types alone cannot express: every float finite, every count in range."""
+    for name, hint in _field_types().items():
+        value = getattr(config, name)
+        if _allowed(hint)[0] is float and value is not None and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     for name in ("seed", "model_seed", "order_seed", "aug_seed"):
         value = getattr(config, name)
         if value is not None and not 0 <= value <= MAX_USER_SEED:
-            raise ConfigError(f"{name} must be in [0, {MAX_USER_SEED}], got {value}")
+            raise ConfigError(f"{name} must be in [0, {MAX_USER_SEED}], got {_short(value)}")
     positive = ("epochs", "batch_size", "synthetic_train_size", "synthetic_test_size")
     for name in positive:
         if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+            raise ConfigError(f"{name} must be positive, got {_short(getattr(config, name))}")
+    if config.dataset == "synthetic" and config.batch_size > config.synthetic_train_size:
+        raise ConfigError(
+            f"batch_size {_short(config.batch_size)} is larger than the training set "
+            f"({config.synthetic_train_size} synthetic images)"
+        )
+    if not 1 <= config.cpu_threads <= MAX_CPU_THREADS:
+        raise ConfigError(f"cpu_threads must be in [1, {MAX_CPU_THREADS}], got {_short(config.cpu_threads)}")
     if config.max_steps is not None and config.max_steps < 1:
-        raise ConfigError(f"max_steps must be positive, got {config.max_steps}")
+        raise ConfigError(f"max_steps must be positive, got {_short(config.max_steps)}")
     if config.num_workers < 0 or config.cutout < 0 or config.checkpoint_every < 0:
         raise ConfigError("num_workers, cutout and checkpoint_every must not be negative")
     if config.keep_checkpoints < 1:
-        raise ConfigError(f"keep_checkpoints must be at least 1, got {config.keep_checkpoints}")
+        raise ConfigError(f"keep_checkpoints must be at least 1, got {_short(config.keep_checkpoints)}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    # Nesterov SGD has no momentum-free form (torch refuses 0); 1 and above never decay.
+    if not 0 < config.momentum < 1:
+        raise ConfigError(f"momentum must be in (0, 1), got {config.momentum}")
     if config.grad_accum_steps < 1:
-        raise ConfigError(f"grad_accum_steps must be positive, got {config.grad_accum_steps}")
+        raise ConfigError(f"grad_accum_steps must be positive, got {_short(config.grad_accum_steps)}")
     if config.lr <= 0 or config.warmup_epochs < 0 or config.weight_decay < 0:
         raise ConfigError("lr must be positive; warmup_epochs and weight_decay must not be negative")
     if config.crop_padding < 0 or config.whiten_bias_epochs < 0 or config.lookahead_every < 0:
@@ -251,6 +390,21 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.padding_mode == "reflect" and config.crop_padding >= 32:
         raise ConfigError(f"reflect padding must be under the 32-pixel image side, got {config.crop_padding}")
     return config
+
+
+def resolve_mixed_precision(requested: str, cuda: bool, native_bf16: bool) -> str:
+    """The precision a run trains in, for accelerate: ``no``, ``bf16`` or ``fp16``.
+
+    ``auto`` is bf16 on a CUDA device that computes it natively, else fp32
+    (``no``). fp16 on the CPU is refused: accelerate accepted it and trained in
+    fp32 (measured: the weights equal the fp32 run's) while the run recorded fp16.
+    bf16 on the CPU stays allowed: autocast runs it there (the weights differ from fp32's).
+    """
+    if requested == "auto":
+        return "bf16" if cuda and native_bf16 else "no"
+    if requested == "fp16" and not cuda:
+        raise ConfigError("mixed_precision fp16 needs CUDA: on the CPU it would train in fp32; use bf16 or no")
+    return requested
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ def test_yaml_fills_and_flags_override(tmp_path):
         ("batch_size: 12.5\n", "'batch_size' must be int"),
         ("model: vgg\n", "'model' must be one of"),
         ("- a list\n", "must hold a mapping"),
-        ("epochs: [1\n", "is not valid YAML"),
+        ("epochs: '1\n", "is not valid YAML"),
         ("seed: null\n", "'seed' cannot be empty"),
     ],
 )
