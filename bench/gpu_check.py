@@ -101,7 +101,9 @@ def missing_modules(names: tuple[str, ...]) -> list[str]:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """train.py's autocast for a ``mixed_precision`` value: none, bf16 or fp16."""
+    """train.py's autocast for a ``mixed_precision`` value: auto (bf16 on CUDA), none, bf16 or fp16."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "no"
     if precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -152,7 +154,7 @@ def strict_cases(report: Report) -> list[tuple[str, str, int, float, str]]:
                 config.get("model", "resnet18"),
                 classes,
                 float(config.get("label_smoothing", 0.0)),
-                config.get("mixed_precision", "no"),
+                config.get("mixed_precision", "auto"),
             )
         )
     return cases
