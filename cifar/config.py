@@ -59,7 +59,7 @@ class TrainConfig:
     cutout: int = _field(0, "side of the cutout square in pixels; 0 turns cutout off")
 
     # Model.
-    model: Literal["small_cnn", "resnet18", "resnet9"] = _field("resnet18", "network architecture")
+    model: Literal["small_cnn", "small_cnn_dropout", "resnet18", "resnet9"] = _field("resnet18", "network architecture")
 
     # Optimisation.
     epochs: int = _field(200, "passes over the training set; the schedule spans them all")
