@@ -15,6 +15,7 @@ import repro.hashseed
 repro.hashseed.ensure_hash_seed()
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -255,6 +257,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: GlobalBatchSampler
+    dataset_sha256: str  # Splits.fingerprint(): a checkpoint resumes only on the data it was trained on
     lookahead: Lookahead | None = None
 
 
@@ -289,21 +292,44 @@ class StopRequest:
         return int(number.item()) or None
 
 
+def agree_across_ranks(accelerator: Accelerator, value: object, error: str | None) -> list[object]:
+    """Gather every rank's ``value``, and raise on every rank the first ``error`` any rank had.
+
+    The barrier between a checkpoint's parts: a write that fails on one rank (a
+    read-only folder, a full disk) stops them all with the same one line, and no
+    rank waits forever for one that gave up.
+    """
+    gathered = gather_object([(value, error)])
+    errors = [message for _, message in gathered if message]
+    if errors:
+        raise checkpoint.CheckpointError(errors[0])
+    return [item for item, _ in gathered]
+
+
 def save_checkpoint(
     training: Training, progress: Progress, loss_sum: torch.Tensor, test_accuracy: float | None = None
 ) -> None:
-    """Write a checkpoint atomically: every rank its RNG state, the main process the rest."""
+    """Write a checkpoint atomically: every rank its RNG state, the main process the rest.
+
+    A write that fails stops every rank with a one-line CheckpointError naming the
+    folder; the checkpoints written before stay as they were.
+    """
     config, run_dir, accelerator, sampler = training.config, training.run_dir, training.accelerator, training.sampler
-    staging = checkpoint.staging_dir(run_dir, progress.step)
+    staging, error = None, None
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+        try:
+            staging = checkpoint.new_staging(run_dir, progress.step)
+        except OSError as failure:
+            error = checkpoint.write_failure(run_dir, progress.step, failure)
+    staging, error = agree_across_ranks(accelerator, staging, error)[0], None  # the main process's folder
     rank_state = {"rng": capture_rng_state(), "loss_sum": loss_sum.item()}
-    checkpoint.write_rank_state(staging, accelerator.process_index, rank_state)
+    try:
+        checkpoint.write_rank_state(staging, accelerator.process_index, rank_state)
+    except OSError as failure:
+        error = checkpoint.write_failure(run_dir, progress.step, failure)
     model = accelerator.unwrap_model(training.model)
     model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    accelerator.wait_for_everyone()
+    agree_across_ranks(accelerator, None, error)
     if accelerator.is_main_process:
         state = {
             "step": progress.step,
@@ -316,17 +342,57 @@ def save_checkpoint(
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "config": config_to_dict(config),
             "environment": environment_fingerprint(accelerator.num_processes, REPO),
+            "dataset_sha256": training.dataset_sha256,
         }
-        checkpoint.write_main(staging, model_state, optimizer_state(training), state)
-        checkpoint.prune(run_dir, config.keep_checkpoints)
-    accelerator.wait_for_everyone()
+        try:
+            checkpoint.write_main(staging, model_state, optimizer_state(training), state)
+        except OSError as failure:
+            error = checkpoint.write_failure(run_dir, progress.step, failure)
+        else:
+            try:
+                checkpoint.prune(run_dir, config.keep_checkpoints)
+            except OSError as failure:
+                error = f"checkpoint step {progress.step} written, but older ones cannot be removed: {failure}"
+    agree_across_ranks(accelerator, None, error)
+
+
+def open_for_resume(training: Training, path: Path) -> checkpoint.Contents:
+    """Load the checkpoint at ``path`` and check, before anything is applied, that it continues
+    this run: the same config (up to run-control keys) and data, and contents that fit this
+    model, optimizer, sampler and machine.
+
+    Raises UsageError for an intact checkpoint of another run or other data (``--resume auto``
+    must not start afresh over it), CheckpointError for one that is damaged or altered.
+    """
+    config, accelerator = training.config, training.accelerator
+    found = checkpoint.load(path)
+    changed = config_differences(found.state["config"], config)
+    if changed:
+        raise UsageError(f"cannot resume {found.path} with a different config: {'; '.join(changed)}")
+    if found.state["dataset_sha256"] != training.dataset_sha256:
+        raise UsageError(
+            f"cannot resume {found.path} on other data: it was trained on data with fingerprint "
+            f"{found.state['dataset_sha256'][:12]}, the {config.dataset} data loaded now "
+            f"(--data-dir {config.data_dir}) has {training.dataset_sha256[:12]}"
+        )
+    target = checkpoint.Target(
+        steps_per_epoch=len(training.sampler),
+        model_state=accelerator.unwrap_model(training.model).state_dict(),
+        optimizer=training.optimizer,
+        scheduler_state=training.scheduler.state_dict(),
+        sampler_state=training.sampler.state_dict(0),
+        scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        rank=accelerator.process_index,
+        lookahead_state=training.lookahead.slow if training.lookahead is not None else None,
+    )
+    return found.read(target)
 
 
 def optimizer_state(training: Training) -> dict:
     """The optimizer's state, with the lookahead's slow weights when the run has them."""
     state = training.optimizer.state_dict()
     if training.lookahead is not None:
-        state = {**state, "lookahead": training.lookahead.state_dict()}
+        state = {**state, checkpoint.LOOKAHEAD_KEY: training.lookahead.state_dict()}
     return state
 
 
@@ -336,38 +402,32 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
     loss_sum = torch.zeros((), device=accelerator.device)
     if config.resume is None:
         return Progress(), loss_sum
-    found, notes = checkpoint.find_resume_checkpoint(run_dir, config.resume)
+    contents, notes = checkpoint.find_resume_checkpoint(
+        run_dir, config.resume, functools.partial(open_for_resume, training)
+    )
     for note in notes:
         accelerator.print(f"resume: {note}")
-    if found is None:
+    if contents is None:
         accelerator.print("resume: no checkpoint yet; starting from scratch")
         return Progress(), loss_sum
-    changed = config_differences(found.state["config"], config)
-    if changed:
-        raise UsageError(f"cannot resume {found.path} with a different config: {'; '.join(changed)}")
+    found, state = contents.checkpoint, contents.checkpoint.state
     for difference in compare_fingerprints(
-        found.state["environment"], environment_fingerprint(accelerator.num_processes, REPO)
+        state["environment"], environment_fingerprint(accelerator.num_processes, REPO)
     ):
         warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
-    accelerator.unwrap_model(training.model).load_state_dict(found.model_state())
-    saved_optimizer = found.optimizer_state()
-    lookahead_state = saved_optimizer.pop("lookahead", None)
-    training.optimizer.load_state_dict(saved_optimizer)
+    accelerator.unwrap_model(training.model).load_state_dict(contents.model_state)
+    training.optimizer.load_state_dict(contents.optimizer_state)
     if training.lookahead is not None:
-        if lookahead_state is None:
-            raise checkpoint.CheckpointError(f"{found.path}: no lookahead state, though the run uses lookahead")
-        training.lookahead.load_state_dict(lookahead_state)
-    training.scheduler.load_state_dict(found.state["scheduler"])
-    if accelerator.scaler is not None and found.state["scaler"] is not None:
-        accelerator.scaler.load_state_dict(found.state["scaler"])
-    training.sampler.load_state_dict(found.state["sampler"])
-    rank_state = found.rank_state(accelerator.process_index)
-    if rank_state is None:
+        training.lookahead.load_state_dict(contents.lookahead_state)
+    training.scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    training.sampler.load_state_dict(state["sampler"])
+    if contents.rank_state is None:
         warnings.warn("no RNG state for this rank in the checkpoint (world size changed)", stacklevel=1)
     else:
-        restore_rng_state(rank_state["rng"])
-        loss_sum = torch.tensor(rank_state["loss_sum"], device=accelerator.device)
-    state = found.state
+        restore_rng_state(contents.rank_state["rng"])
+        loss_sum = torch.tensor(contents.rank_state["loss_sum"], device=accelerator.device)
     progress = Progress(state["epoch"], state["position"], state["step"], state["records"])
     if accelerator.is_main_process:
         metrics.rewrite(progress.records)
@@ -567,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.lookahead_every:
         total_steps = config.epochs * len(sampler)
         lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, total_steps)
-    training = Training(config, run_dir, accelerator, model, optimizer, scheduler, sampler, lookahead)
+    training = Training(
+        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), lookahead
+    )
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     progress, loss_sum = resume(training, metrics)

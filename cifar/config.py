@@ -110,7 +110,9 @@ class TrainConfig:
     )
 
     # Model.
-    model: Literal["small_cnn", "resnet18", "resnet9", "speedrun"] = _field("resnet18", "network architecture")
+    model: Literal["small_cnn", "resnet18", "resnet9", "speedrun", "small_cnn_dropout"] = _field(
+        "resnet18", "network architecture"
+    )
     whiten_bias_epochs: int = _field(
         3, "speedrun model: epochs in which the whitening layer's bias trains (its weights never do)"
     )

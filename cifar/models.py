@@ -36,6 +36,19 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
 
+class SmallCNNDropout(SmallCNN):
+    """SmallCNN with dropout (p=0.1) before the classifier. Its masks come from the
+    runtime random stream at every training step, so a resume that did not restore
+    the RNG state gives other weights: the tests use it to tell."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, dropout: float = 0.1) -> None:
+        super().__init__(num_classes, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.features(x).mean(dim=(2, 3))))
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3x3 convolutions and a shortcut."""
 
@@ -204,7 +217,13 @@ class SpeedrunNet(nn.Module):
         return self.head(features.amax(dim=(2, 3))) * self.LOGIT_SCALE
 
 
-MODELS = {"small_cnn": SmallCNN, "resnet18": ResNet18, "resnet9": ResNet9, "speedrun": SpeedrunNet}
+MODELS = {
+    "small_cnn": SmallCNN,
+    "small_cnn_dropout": SmallCNNDropout,
+    "resnet18": ResNet18,
+    "resnet9": ResNet9,
+    "speedrun": SpeedrunNet,
+}
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:

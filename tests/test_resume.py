@@ -16,6 +16,8 @@ from pathlib import Path
 
 from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
 
+from cifar import checkpoint
+
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert read_manifest(run_dir)["weights_sha256"] == read_manifest(reference)["weights_sha256"]
@@ -127,7 +129,7 @@ def test_incompatible_format_and_changed_config_are_refused(tmp_path):
     state_file.write_text(json.dumps({**state, "version": 99}))
     result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", str(checkpoints[-1]))
     assert result.returncode == 2
-    assert "has format version 99; this code reads version 1" in result.stderr
+    assert f"has format version 99; this code reads version {checkpoint.VERSION}" in result.stderr
 
 
 class CreatesMarker:
@@ -147,6 +149,7 @@ def test_pickle_in_a_checkpoint_never_runs(tmp_path):
     state_file = checkpoints[-1] / "state.json"
     state = json.loads(state_file.read_text())
     state["files"]["optimizer.pt"] = hashlib.sha256(optimizer_file.read_bytes()).hexdigest()
+    state["state_sha256"] = checkpoint.state_sha256(state)
     state_file.write_text(json.dumps(state))
     result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "latest")
     assert result.returncode == 2
