@@ -191,3 +191,19 @@ def test_speedrun_resumes_bitwise_after_kill_9(speedrun_reference, tmp_path):
     process.wait()
     train_ok(run_dir, *args)
     assert_same_run(run_dir, speedrun_reference)
+
+
+def test_two_ranks_see_the_samples_and_augmentation_of_one(splits):
+    options = {"padding": 2, "padding_mode": "reflect", "flip": "alternating"}
+
+    def epoch_batches(rank, world_size):
+        sampler = GlobalBatchSampler(len(splits.train), 16, 4, rank=rank, world_size=world_size)
+        batches = DeviceTrainBatches(splits.train, sampler, SeedPlan(4), splits.mean, splits.std, 0, CPU, **options)
+        sampler.set_epoch(1)
+        return list(batches)
+
+    whole = epoch_batches(0, 1)
+    shards = [epoch_batches(rank, 2) for rank in range(2)]
+    for step, (images, labels) in enumerate(whole):
+        assert torch.equal(images, torch.cat([shards[0][step][0], shards[1][step][0]]))
+        assert torch.equal(labels, torch.cat([shards[0][step][1], shards[1][step][1]]))
