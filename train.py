@@ -19,7 +19,6 @@ import functools
 import importlib.util
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -29,21 +28,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from safetensors.torch import save_file
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from cifar import checkpoint
-from cifar.config import (
-    ConfigError,
-    TrainConfig,
-    config_differences,
-    config_to_dict,
-    parse_config,
-    resolve_mixed_precision,
-)
+from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, resolve_mixed_precision
 from cifar.data import (
     TRAIN_TRANSFORM_GENERATORS,
     DataError,
@@ -57,7 +48,15 @@ from cifar.device_data import DeviceTestBatches, DeviceTrainBatches, normalize
 from cifar.lookahead import Lookahead
 from cifar.models import SpeedrunNet, build_model
 from cifar.optim import build_optimizer
-from cifar.outputs import MetricsLog, check_output_dir, default_output_dir, write_config, write_json
+from cifar.outputs import (
+    MetricsLog,
+    claim_run_dir,
+    resolve_config,
+    run_dir_of,
+    write_config,
+    write_json,
+    write_weights,
+)
 from cifar.plots import plot_curves
 from cifar.tta import tta_logits
 from repro.audit import audit_model
@@ -558,7 +557,7 @@ def save(
     model_state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     if not accelerator.is_main_process:
         return
-    save_file(model_state, run_dir / "model.safetensors")
+    write_weights(run_dir / "model.safetensors", model_state)
     manifest = {
         "format": "repro.manifest",
         "version": 1,
@@ -582,26 +581,31 @@ def save(
         print("curves.png not written: matplotlib is not installed")
 
 
-def run_dir_of(config: TrainConfig) -> Path:
-    return Path(config.output_dir) if config.output_dir else default_output_dir(config)
-
-
 def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
-    """Check the run folder on every rank (read-only), then create or clean it on the main process."""
+    """Claim the run folder on the main process, which holds its lock until it exits
+    (cifar/outputs.py: claim_run_dir), and remove staging folders of interrupted checkpoints.
+
+    Every rank learns the main process's verdict and, if it refused the folder,
+    stops with the same one-line error: none waits for a process that gave up.
+    """
     run_dir = run_dir_of(config)
-    check_output_dir(run_dir, config)
+    refusal = None
     if accelerator.is_main_process:
-        if config.overwrite and (run_dir / "config.yaml").exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoint.remove_stale_staging(run_dir):
-            accelerator.print(f"removed {stale}, a checkpoint interrupted while being written")
-    accelerator.wait_for_everyone()
+        try:
+            claim_run_dir(run_dir, config)
+        except ConfigError as error:
+            refusal = str(error)
+        else:
+            for stale in checkpoint.remove_stale_staging(run_dir):
+                accelerator.print(f"removed {stale}, a checkpoint interrupted while being written")
+    [refusal] = broadcast_object_list([refusal])
+    if refusal is not None:
+        raise UsageError(refusal)
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
+    config = resolve_config(argv)
     # CPU kernels split their sums by thread, so the count changes the weights: it comes
     # from the config, not from the launcher (python takes every core, accelerate launch one).
     torch.set_num_threads(config.cpu_threads)

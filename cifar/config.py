@@ -435,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Build the config from ``--config`` YAML, then flags. Raises ``ConfigError``."""
+    return validate(TrainConfig(**given_values(argv)))
+
+
+def given_values(argv: list[str] | None = None) -> dict[str, Any]:
+    """The values the command line gives, each checked against its field's type:
+    the keys of the ``--config`` file, then the flags over them. Raises ``ConfigError``."""
     arguments = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     values: dict[str, Any] = {}
     if arguments.config:
@@ -445,7 +451,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if text is None:
             continue
         values[spec.name] = text if isinstance(text, bool) else _parse_flag(spec.name, text)
-    return validate(TrainConfig(**values))
+    return values
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -2,19 +2,67 @@
 
 Files are written to a temporary name and renamed into place, so a crash never
 leaves a half-written file behind a valid name.
+
+A folder is a run folder only if this project's code wrote it: it holds the
+marker ``.repro-run`` (written first into every folder a run claims), a
+manifest or a checkpoint of this project's formats. Only a run folder may be
+written again, and ``--overwrite`` deletes only the entries such a folder holds.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from safetensors.torch import save as serialize_tensors
 
-from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, load_yaml
+from cifar import checkpoint
+from cifar.config import (
+    RUN_CONTROL_KEYS,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    config_differences,
+    config_to_dict,
+    given_values,
+    load_yaml,
+    validate,
+)
+from cifar.runlock import LOCK_NAME, RunFolderInUseError, lock_run_dir
+
+MARKER_NAME = ".repro-run"
+RUN_FORMAT = "repro.run"
+MANIFEST_FORMAT = "repro.manifest"
+
+# What a run folder holds: the files and folders train.py and accelerate's
+# tensorboard tracker write into it, and nothing else.
+RUN_FILES = frozenset(
+    {"config.yaml", "metrics.jsonl", "manifest.json", "model.safetensors", "curves.png", MARKER_NAME, LOCK_NAME}
+)
+RUN_FOLDERS = {
+    "checkpoints": (checkpoint.PREFIX, ".tmp-"),  # checkpoints and their staging folders
+    "tensorboard": ("events.out.tfevents.",),
+}
+# write_atomic's temporary files, left behind by a run killed while writing one.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8,12}")
+
+# Keys that say what one invocation does, not what the run is: a resumed run
+# does not take them from its saved config.
+INVOCATION_KEYS = frozenset({"output_dir", "overwrite", "resume", "max_steps"})
+
+# More than any manifest or checkpoint state.json this project writes.
+_MAX_FORMAT_FILE_BYTES = 16 << 20
+
+
+class RunFolderError(ConfigError):
+    """A run folder this run may not use as asked: one line, exit status 2 (a ConfigError to train.py)."""
 
 
 def default_output_dir(config: TrainConfig) -> Path:
@@ -22,50 +70,206 @@ def default_output_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.dataset}-{config.model}-seed{config.seed}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def run_dir_of(config: TrainConfig) -> Path:
+    """The run folder: ``--output-dir``, else :func:`default_output_dir`."""
+    return Path(config.output_dir) if config.output_dir else default_output_dir(config)
+
+
+def resolve_config(argv: list[str] | None = None) -> TrainConfig:
+    """The run's config: the command line's, over the run's saved ``config.yaml`` when resuming.
+
+    A resumed run is the run that was started, so ``--resume latest --output-dir
+    X`` alone continues it with the settings it began with. Values given (flags,
+    and the keys of a ``--config`` file) override the saved ones only for
+    run-control keys; any other value that differs would make a different run
+    and is refused. ``--overwrite`` with ``--resume`` is refused too: the one
+    deletes what the other would continue.
+    """
+    given = given_values(argv)
+    config = TrainConfig(**given)
+    if config.resume is None:
+        return validate(config)
+    if config.overwrite:
+        raise ConfigError("--overwrite deletes the run that --resume would continue: give one or the other")
+    config_file = run_dir_of(config) / "config.yaml"
+    if not config_file.is_file():
+        return validate(config)
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
+        saved = {str(key): coerce(str(key), value) for key, value in load_yaml(config_file).items()}
+    except ConfigError as error:
+        raise ConfigError(f"{config_file}: {error}") from None
+    saved = {key: value for key, value in saved.items() if key not in INVOCATION_KEYS}
+    changed = [
+        f"{key}: {saved[key]!r} -> {value!r}"
+        for key, value in given.items()
+        if key in saved and key not in RUN_CONTROL_KEYS and value != saved[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume continues the run in {config_file.parent} as it was started, but these settings differ "
+            f"({'; '.join(changed)}); leave them out, or start a new run in another --output-dir"
+        )
+    return validate(TrainConfig(**{**saved, **given}))
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The file gets the permissions ``open`` would give it (0666 less the umask).
+    """
+    descriptor, temporary = _create_temporary(path)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data.encode() if isinstance(data, str) else data)
             file.flush()
             os.fsync(file.fileno())
-        Path(temporary).replace(path)
+        temporary.replace(path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
-def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
-    """Refuse a folder that already holds a different run, unless ``--overwrite``.
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """Create a new empty file ``.<name>.<random>`` next to ``path``; return its descriptor and path.
 
-    A folder holding the same resolved config (up to run-control keys such as
-    ``num_workers``) is the same run: it may be written again, and resumed.
+    Not ``tempfile.mkstemp``: it makes every file 0600, whatever the umask.
     """
-    config_file = output_dir / "config.yaml"
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), temporary
+        except FileExistsError:
+            continue
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds this project's marker, manifest or a checkpoint of its format."""
+    return (
+        _format_of(folder / MARKER_NAME) == RUN_FORMAT
+        or _format_of(folder / "manifest.json") == MANIFEST_FORMAT
+        or any(_format_of(path / "state.json") == checkpoint.FORMAT for path in checkpoint.list_checkpoints(folder))
+    )
+
+
+def _format_of(path: Path) -> str | None:
+    """The ``format`` field of the JSON object in ``path``; None for anything else."""
+    try:
+        with path.open("rb") as file:
+            data = json.loads(file.read(_MAX_FORMAT_FILE_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def unknown_entry(run_dir: Path) -> Path | None:
+    """The first entry of ``run_dir``, or of its ``checkpoints`` and ``tensorboard``
+    folders, that a run folder does not hold (by name and kind); None if all are known."""
+    for entry in sorted(run_dir.iterdir()):
+        stray = _stray(entry)
+        if stray is not None:
+            return stray
+    return None
+
+
+def _stray(entry: Path) -> Path | None:
+    """``entry`` itself, or an entry inside it, if a run folder does not hold it; None if it does.
+
+    A link with a run folder's name is known: ``--overwrite`` removes the link,
+    never what it points to (a checkpoints folder on another disk, say).
+    """
+    temporary = _TEMPORARY.fullmatch(entry.name)
+    if entry.name in RUN_FILES or (temporary and temporary["name"] in RUN_FILES):
+        return None if entry.is_symlink() or entry.is_file() else entry
+    if entry.name in RUN_FOLDERS:
+        if entry.is_symlink():
+            return None
+        if not entry.is_dir():
+            return entry
+        prefixes = RUN_FOLDERS[entry.name]
+        return next((inner for inner in sorted(entry.iterdir()) if not inner.name.startswith(prefixes)), None)
+    return entry
+
+
+def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
+    """Refuse a folder this run may not write: not a folder, not a run folder of this
+    project, or one that holds a different run (unless ``--overwrite``).
+
+    Read-only. A folder holding the same resolved config (up to run-control keys
+    such as ``num_workers``) is the same run: it may be written again, and resumed.
+    """
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
-        raise ConfigError(f"output path {output_dir} exists and is not a folder")
-    if not any(output_dir.iterdir()):
+        raise RunFolderError(f"output path {output_dir} exists and is not a folder")
+    entries = sorted(entry.name for entry in output_dir.iterdir() if not _is_bookkeeping(entry.name))
+    if not entries:
         return
-    if not config_file.exists():
-        raise ConfigError(
-            f"output folder {output_dir} is not empty and holds no run; choose another or pass --overwrite"
+    if not is_run_folder(output_dir):
+        raise RunFolderError(
+            f"output folder {output_dir} is not empty (it holds {entries[0]!r}) and is not a run folder of "
+            "this project; choose another --output-dir"
         )
     if config.overwrite:
+        unknown = unknown_entry(output_dir)
+        if unknown is not None:
+            raise RunFolderError(
+                f"--overwrite deletes only what a run folder holds, and {unknown} is not a file train.py writes; "
+                "nothing was deleted: move it away, or choose another --output-dir"
+            )
         return
-    changed = config_differences(load_yaml(config_file), config)
+    config_file = output_dir / "config.yaml"
+    changed = config_differences(load_yaml(config_file), config) if config_file.exists() else []
     if changed:
-        raise ConfigError(
+        raise RunFolderError(
             f"output folder {output_dir} holds a different run ({'; '.join(changed)}); "
             "choose another --output-dir, or pass --overwrite"
         )
     if config.resume is None and (output_dir / "checkpoints").exists():
-        raise ConfigError(
+        raise RunFolderError(
             f"output folder {output_dir} holds checkpoints of this run; continue it with --resume auto, "
             "or start again with --overwrite"
         )
+
+
+def claim_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Make ``run_dir`` this run's folder: create it, lock it, check it, empty it on
+    ``--overwrite`` and mark it as a run folder.
+
+    When: on the main process only, before anything else is written there; the
+    lock holds until the process ends. Raises :class:`RunFolderError`. A folder
+    that is not a run folder is refused before anything is written into it.
+    """
+    check_output_dir(run_dir, config)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)
+    except RunFolderInUseError as error:
+        raise RunFolderError(str(error)) from None
+    except OSError as error:
+        raise RunFolderError(f"cannot write to run folder {run_dir}: {error.strerror}") from None
+    # Again, under the lock: the run that held the folder until now may have changed it.
+    check_output_dir(run_dir, config)
+    if config.overwrite:
+        for entry in sorted(run_dir.iterdir()):
+            if entry.name != LOCK_NAME:
+                _remove(entry)
+    if _format_of(run_dir / MARKER_NAME) != RUN_FORMAT:
+        write_json(run_dir / MARKER_NAME, {"format": RUN_FORMAT, "version": 1})
+
+
+def _is_bookkeeping(name: str) -> bool:
+    """Whether ``name`` is the lock, the marker or a temporary file of the marker's: a folder
+    holding nothing else is as good as empty (a run stopped while claiming it leaves them)."""
+    temporary = _TEMPORARY.fullmatch(name)
+    return name in (LOCK_NAME, MARKER_NAME) or (temporary is not None and temporary["name"] == MARKER_NAME)
+
+
+def _remove(entry: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder tree."""
+    if entry.is_symlink() or not entry.is_dir():
+        entry.unlink()
+    else:
+        shutil.rmtree(entry)
 
 
 def write_config(output_dir: Path, config: TrainConfig) -> None:
@@ -74,6 +278,11 @@ def write_config(output_dir: Path, config: TrainConfig) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as safetensors (``save_file`` would make the file 0600, whatever the umask)."""
+    write_atomic(path, serialize_tensors(tensors))
 
 
 class MetricsLog:

@@ -133,7 +133,8 @@ def test_device_pipeline_resumes_bitwise_after_kill_9(device_reference, tmp_path
 def test_pipeline_is_part_of_the_run_and_changes_the_augmentation(device_reference, tmp_path):
     stopped = tmp_path / "stopped"
     train_ok(stopped, *DEVICE, "--cutout", "8", "--max-steps", "3")
-    refused = run_train(*TINY, "--output-dir", str(stopped), "--resume", "latest", "--cutout", "8")
+    resume = ("--resume", "latest", "--cutout", "8", "--data-pipeline", "dataloader")
+    refused = run_train(*TINY, "--output-dir", str(stopped), *resume)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "data_pipeline" in refused.stderr
     dataloader = train_ok(tmp_path / "dataloader", "--cutout", "8")

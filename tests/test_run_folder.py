@@ -1,0 +1,208 @@
+"""The run folder: train.py writes and clears only its own run folders, one run at a time,
+with the permissions the umask gives, and a resume continues the run as it was started."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY, clean_env, free_port, read_manifest, read_metrics, run_train, train_ok
+
+LOCK = ".repro-run.lock"
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder`` and the bytes of every file: to show that nothing changed."""
+    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]) == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "overwrite"),
+    [
+        # A folder with a config.yaml is not a run: --overwrite used to delete this one whole.
+        ({"config.yaml": "epochs: 3\n", "src/thesis.tex": "\\chapter{One}\n"}, ["--overwrite"]),
+        # Refused before too, but with advice to pass --overwrite, which was then refused as well.
+        ({"notes.txt": "mine\n"}, []),
+    ],
+    ids=["config_and_thesis_overwrite", "notes"],
+)
+def test_a_folder_that_holds_no_run_is_refused_and_left_untouched(files, overwrite, tmp_path):
+    folder = tmp_path / "mine"
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    before = snapshot(folder)
+    result = run_train(*TINY, "--output-dir", str(folder), *overwrite)
+    assert_one_line_error(result, f"output folder {folder} is not empty")
+    assert "is not a run folder of this project; choose another --output-dir" in result.stderr
+    assert "--overwrite" not in result.stderr  # it would be refused all the same
+    assert snapshot(folder) == before  # not even a lock file was written into it
+
+
+def test_overwrite_refuses_a_run_folder_holding_anything_else(reference_run, tmp_path):
+    run_dir = copy_of(reference_run, tmp_path)
+    (run_dir / "notes.txt").write_text("mine\n")
+    before = snapshot(run_dir)
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--overwrite")
+    assert_one_line_error(result, f"{run_dir / 'notes.txt'} is not a file train.py writes; nothing was deleted")
+    assert snapshot(run_dir) == before
+
+
+def test_a_run_folder_is_known_by_its_formats_and_entries(reference_run, tmp_path):
+    from cifar.outputs import is_run_folder, unknown_entry  # here: the old code had neither
+
+    run_dir = copy_of(reference_run, tmp_path)
+    assert unknown_entry(run_dir) is None
+    (run_dir / "checkpoints" / "best.pt").write_text("mine\n")
+    assert unknown_entry(run_dir) == run_dir / "checkpoints" / "best.pt"
+    (run_dir / "checkpoints" / "best.pt").unlink()
+    (run_dir / "curves.png").unlink()
+    (run_dir / "curves.png").mkdir()  # a folder where a run writes a file
+    assert unknown_entry(run_dir) == run_dir / "curves.png"
+
+    (run_dir / ".repro-run").unlink()  # a run folder written before the marker existed
+    assert is_run_folder(run_dir)  # by its manifest and checkpoints
+    (run_dir / "manifest.json").write_text(json.dumps({"format": "other"}))
+    assert is_run_folder(run_dir)  # by its checkpoints
+    shutil.rmtree(run_dir / "checkpoints")
+    assert not is_run_folder(run_dir)  # config.yaml and metrics.jsonl alone prove nothing
+    (run_dir / ".repro-run").write_text(json.dumps({"format": "repro.run", "version": 1}))
+    assert is_run_folder(run_dir)
+
+
+def test_overwrite_knows_a_run_folder_by_its_formats_and_clears_what_it_holds(reference_run, tmp_path):
+    run_dir = copy_of(reference_run, tmp_path)
+    # A run killed while rewriting its config and metrics: it holds no config.yaml, which made
+    # --overwrite refuse it, and a temporary file of the write it was killed in.
+    (run_dir / "config.yaml").unlink()
+    (run_dir / "metrics.jsonl").rename(run_dir / ".metrics.jsonl.k3j4h5g6")
+    (run_dir / "checkpoints" / "step-00000004").mkdir()  # a checkpoint the new run does not write
+    manifest = train_ok(run_dir, "--seed", "7", "--overwrite")
+    assert manifest["seed"] == 7
+    assert not (run_dir / ".metrics.jsonl.k3j4h5g6").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000008", "step-00000016"]
+
+
+def test_overwrite_with_resume_is_a_usage_error(reference_run, tmp_path):
+    run_dir = copy_of(reference_run, tmp_path)
+    before = snapshot(run_dir)
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--overwrite", "--resume", "latest")
+    assert_one_line_error(result, "--overwrite deletes the run that --resume would continue")
+    assert snapshot(run_dir) == before
+
+
+def test_run_files_have_the_permissions_the_umask_gives(tmp_path):
+    run_dir = tmp_path / "run"
+    previous = os.umask(0o022)
+    try:
+        train_ok(run_dir, "--max-steps", "1")
+    finally:
+        os.umask(previous)
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "model.safetensors"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o644, name
+
+
+def test_resume_alone_continues_the_run_with_its_saved_settings(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    train_ok(run_dir, "--max-steps", "3")  # TINY's flags all differ from train.py's defaults
+    before = snapshot(run_dir)
+    result = run_train("--resume", "latest", "--output-dir", str(run_dir), "--lr", "0.1")
+    assert_one_line_error(result, "these settings differ (lr: 0.05 -> 0.1)")
+    other_file = tmp_path / "other.yaml"
+    other_file.write_text("epochs: 3\n")  # a --config file's keys are given values too
+    result = run_train("--config", str(other_file), "--resume", "auto", "--output-dir", str(run_dir))
+    assert_one_line_error(result, "these settings differ (epochs: 2 -> 3)")
+    assert snapshot(run_dir) == before
+    # What the hint after SIGTERM says to run, and nothing else.
+    result = run_train("--resume", "latest", "--output-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_manifest(run_dir)["weights_sha256"] == read_manifest(reference_run)["weights_sha256"]
+
+
+@contextlib.contextmanager
+def held_by_a_stopped_run(run_dir: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """A real training run into ``run_dir``, frozen (SIGSTOP) once it holds the folder's lock."""
+    with log.open("w") as output:
+        holder = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *TINY, "--output-dir", str(run_dir)],
+            cwd=REPO,
+            env=clean_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not _names_pid(run_dir / LOCK, holder.pid):
+            assert holder.poll() is None, "the run ended without locking its folder:\n" + log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run did not lock its folder"
+            time.sleep(0.02)
+        holder.send_signal(signal.SIGSTOP)
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _names_pid(lock_file: Path, pid: int) -> bool:
+    try:
+        return json.loads(lock_file.read_text())["pid"] == pid
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def test_one_run_at_a_time_and_a_killed_run_frees_its_folder(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    with held_by_a_stopped_run(run_dir, tmp_path / "holder.log") as holder:
+        before = snapshot(run_dir)
+        result = run_train(*TINY, "--output-dir", str(run_dir), "--overwrite")
+        in_use = f"run folder {run_dir} is in use by pid {holder.pid} on host {socket.gethostname()}"
+        assert_one_line_error(result, in_use)
+        assert snapshot(run_dir) == before  # the lock is taken before anything is deleted
+    # The holder is killed (kill -9): its lock went with it.
+    train_ok(run_dir, "--resume", "auto")
+    assert read_manifest(run_dir)["weights_sha256"] == read_manifest(reference_run)["weights_sha256"]
+    assert [row["epoch"] for row in read_metrics(run_dir)] == [1, 2]
+
+
+def test_a_refused_main_process_stops_every_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    config = str(REPO / "configs" / "accelerate" / "cpu_gloo.yaml")
+    launcher = [accelerate, "launch", "--config_file", config, "--main_process_port", str(free_port())]
+    with held_by_a_stopped_run(run_dir, tmp_path / "holder.log") as holder:
+        result = subprocess.run(
+            [*launcher, str(REPO / "train.py"), *TINY, "--output-dir", str(run_dir), "--resume", "auto"],
+            cwd=REPO,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,  # a rank left waiting for the refused one would hang until this
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    # Each rank stops with the main process's one-line error, none with a traceback of train.py's
+    # (the launcher prints its own on a failed process).
+    assert output.count(f"train.py: error: run folder {run_dir} is in use by pid {holder.pid}") == 2, output[-3000:]
+    assert f'File "{REPO / "train.py"}"' not in output, output[-3000:]
