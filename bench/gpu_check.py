@@ -200,7 +200,8 @@ def stage_b(report: Report, out: Path, smoke: bool) -> None:
     train_size, test_size, batch_size, steps = (64, 16, 16, 2) if smoke else (4096, 256, 256, 8)
     base = ["--dataset", "synthetic", "--synthetic-train-size", str(train_size), "--synthetic-test-size",
             str(test_size), "--batch-size", str(batch_size), "--max-steps", str(steps), "--model", "resnet18",
-            "--epochs", "1", "--seed", str(SEED), "--determinism", "strict"]  # fmt: skip
+            "--epochs", "1", "--seed", str(SEED), "--determinism", "strict",
+            "--data-pipeline", "dataloader"]  # fmt: skip
     runs = {
         "fp32 a": [*base, "--num-workers", "2"],
         "fp32 b": [*base, "--num-workers", "2"],

@@ -76,7 +76,7 @@ def main() -> None:
     else:
         splits, source = synthetic(args.train_size, 64), "synthetic"
     print(f"# {len(splits.train)} training images ({source}), batch {args.batch_size}, {args.batches} timed batches")
-    base = TrainConfig(batch_size=args.batch_size)
+    base = TrainConfig(batch_size=args.batch_size, data_pipeline="dataloader")
     configure_determinism(base.determinism)  # as train.py does first: its workers inherit the mode
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     configs = {}

@@ -90,9 +90,10 @@ class TrainConfig:
     synthetic_train_size: int = _field(5000, "images in the synthetic training set")
     synthetic_test_size: int = _field(1000, "images in the synthetic test set")
     data_pipeline: Literal["dataloader", "device"] = _field(
-        "dataloader",
-        "dataloader: torchvision transforms per sample in worker processes (any transform); "
-        "device: the dataset on the device (GPU or CPU), augmented there a batch at a time; no workers",
+        "device",
+        "device: the dataset (every dataset here is loaded into memory) on the device (GPU or CPU), augmented "
+        "there a batch at a time, no workers: it keeps a GPU fed; dataloader: torchvision transforms per sample "
+        "in worker processes, for transforms of your own",
     )
     num_workers: int = _field(
         2, "DataLoader worker processes per rank; does not change the result (unused with --data-pipeline device)"

@@ -23,6 +23,7 @@ TINY = [
     "--batch-size", "32",
     "--lr", "0.05",
     "--num-workers", "0",
+    "--data-pipeline", "dataloader",  # the tests of workers and transforms; test_device_data.py tests the default
 ]  # fmt: skip
 
 

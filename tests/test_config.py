@@ -33,6 +33,13 @@ def test_bad_yaml_values_are_named(tmp_path, yaml_text, message):
         parse_config(["--config", str(path)])
 
 
+def test_defaults_fit_a_gpu():
+    # The DataLoader, one image at a time, cannot feed a GPU: the device pipeline can.
+    defaults = parse_config([])
+    assert defaults.data_pipeline == "device"
+    assert defaults.mixed_precision == "auto"
+
+
 def test_run_control_keys_do_not_make_a_different_run():
     base = parse_config([])
     previous = {**vars(base), "num_workers": 7, "resume": "auto", "max_steps": 3}
