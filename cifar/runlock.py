@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import warnings
 from pathlib import Path
 
@@ -46,14 +47,24 @@ def lock_run_dir(run_dir: Path) -> None:
     When: on the main process only, after the folder exists and before anything
     is written into it or deleted from it. The lock is never released
     explicitly: the process's exit releases it, on every path a run can end by.
-    Raises ``OSError`` if the lock file cannot be created (a read-only folder).
+    Raises ``OSError`` if the lock file cannot be created (a read-only folder) or
+    is not a regular file.
     """
     path = run_dir / LOCK_NAME
     with contextlib.suppress(FileNotFoundError):
         if _identity(path.stat()) in _held:
             return
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
+        # Never through a link: a run folder one was sent could point its lock file at any file of
+        # the user's, which the holder's pid would overwrite.
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"its lock file {LOCK_NAME} is a symbolic link") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, f"its lock file {LOCK_NAME} is not a regular file")
         fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         os.close(descriptor)

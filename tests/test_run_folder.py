@@ -206,3 +206,16 @@ def test_a_refused_main_process_stops_every_rank(tmp_path):
     # (the launcher prints its own on a failed process).
     assert output.count(f"train.py: error: run folder {run_dir} is in use by pid {holder.pid}") == 2, output[-3000:]
     assert f'File "{REPO / "train.py"}"' not in output, output[-3000:]
+
+
+def test_the_lock_is_never_taken_through_a_link(tmp_path):
+    from cifar.runlock import lock_run_dir  # here: the old code had no lock
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK).symlink_to(precious)  # in a run folder one was sent
+    with pytest.raises(OSError, match="is a symbolic link"):
+        lock_run_dir(run_dir)
+    assert precious.read_text() == "mine\n"
