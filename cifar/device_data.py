@@ -182,9 +182,9 @@ class DeviceTrainBatches:
         return images, self.labels[selected]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for keys in self.sampler:
-            epoch = keys[0][0]
-            yield self.batch(epoch, np.fromiter((index for _, index in keys), dtype=np.int64, count=len(keys)))
+        epoch = self.sampler.epoch
+        for indices in self.sampler.index_batches():
+            yield self.batch(epoch, indices)
 
 
 class DeviceTestBatches:

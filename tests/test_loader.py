@@ -64,6 +64,18 @@ def test_resume_at_position_k_yields_exactly_the_rest_of_the_epoch():
         assert list(resumed) == full[k:]
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_index_batches_are_the_samplers_batches_as_arrays(drop_last):
+    sampler = GlobalBatchSampler(101, 12, 2333, rank=1, world_size=3, drop_last=drop_last)
+    sampler.set_epoch(2, start_batch=3)
+    order, local = sampler.epoch_order(2).tolist(), 12 // 3
+    expected = [order[batch * 12 + local : batch * 12 + 2 * local] for batch in range(3, len(sampler))]
+    arrays = list(sampler.index_batches())
+    assert all(array.dtype == np.int64 for array in arrays)
+    assert [array.tolist() for array in arrays] == expected
+    assert list(sampler) == [[(2, index) for index in batch] for batch in expected]
+
+
 def test_state_from_another_dataset_or_seed_is_refused():
     state = GlobalBatchSampler(100, 10, 2333).state_dict(0)
     with pytest.raises(ValueError, match="num_samples"):
