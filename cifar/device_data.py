@@ -163,12 +163,23 @@ class DeviceTrainBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def batch(self, epoch: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented images and labels of samples ``indices`` in ``epoch``."""
+    def params(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        """The augmentation parameters (:func:`augmentation_params`) of samples ``indices`` in ``epoch``."""
         height, width = self.images.shape[-2:]
         params = augmentation_params(self.seeds.aug_array(epoch, indices), height, width, self.padding)
         if self.first_flips is not None:
             params[:, _FLIP] = self.first_flips[indices] ^ (epoch % 2)
+        return params
+
+    def batch(
+        self, epoch: int, indices: np.ndarray, epoch_params: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented images and labels of samples ``indices`` in ``epoch``.
+
+        ``epoch_params``: every sample's :meth:`params` in ``epoch``, to look the
+        batch's up instead of deriving them (the same values).
+        """
+        params = self.params(epoch, indices) if epoch_params is None else epoch_params[indices]
         host = torch.from_numpy(np.stack([indices, *params.T], axis=1))
         if self.device.type == "cuda":
             # A copy from pinned memory does not wait for the queued training step, as a
@@ -183,8 +194,11 @@ class DeviceTrainBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.sampler.epoch
+        # Derived for the whole epoch at once (a few ms), not batch by batch: on a GPU the
+        # host's time per step is what the step costs, once the GPU outruns it.
+        epoch_params = self.params(epoch, np.arange(len(self.labels)))
         for indices in self.sampler.index_batches():
-            yield self.batch(epoch, indices)
+            yield self.batch(epoch, indices, epoch_params)
 
 
 class DeviceTestBatches:

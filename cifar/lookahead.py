@@ -19,7 +19,7 @@ DECAY_PER_STEP = 0.95  # airbench's: 0.95**5 per update at its 5 steps per updat
 class Lookahead:
     """The slow weights of ``model`` (its floating point ``state_dict`` entries).
 
-    Create it after the model is on its device and initialised; call
+    Create it after the model is on its device and initialised (it keeps the model's tensors); call
     :meth:`after_step` after every optimizer step with the step count so far.
     Its :meth:`state_dict` belongs in a checkpoint: resuming without it would
     restart the average.
@@ -30,27 +30,27 @@ class Lookahead:
             raise ValueError(f"every and total_steps must be positive, got {every} and {total_steps}")
         self.every = every
         self.total_steps = total_steps
-        self.slow = {
-            name: tensor.detach().clone() for name, tensor in model.state_dict().items() if tensor.is_floating_point()
-        }
+        # state_dict()'s tensors share the model's storage: kept once, they stay the model's
+        # own (load_state_dict copies into them), and an update is two foreach calls.
+        self.fast = {name: tensor for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+        self.slow = {name: tensor.detach().clone() for name, tensor in self.fast.items()}
 
     def decay(self, step: int) -> float:
         """How much of the slow weights an update at ``step`` keeps."""
         return DECAY_PER_STEP**self.every * (step / self.total_steps) ** 3
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def after_step(self, step: int) -> None:
         """Update at every ``every``-th step; at the last step, give the model the slow weights."""
         if step % self.every == 0:
-            self._update(model, self.decay(step))
+            self._update(self.decay(step))
         if step == self.total_steps:
-            self._update(model, 1.0)
+            self._update(1.0)
 
-    def _update(self, model: nn.Module, decay: float) -> None:
-        fast = model.state_dict()
-        for name, slow in self.slow.items():
-            slow.lerp_(fast[name], 1 - decay)
-            fast[name].copy_(slow)
+    def _update(self, decay: float) -> None:
+        slow, fast = list(self.slow.values()), list(self.fast.values())
+        torch._foreach_lerp_(slow, fast, 1 - decay)
+        torch._foreach_copy_(fast, slow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The slow weights, on the CPU."""

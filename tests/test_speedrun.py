@@ -121,15 +121,15 @@ def test_lookahead_updates_every_n_steps_and_hands_over_the_slow_weights_at_the_
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    lookahead.after_step(model, 1)  # not an update step: the fast weights stay
+    lookahead.after_step(1)  # not an update step: the fast weights stay
     assert torch.equal(model.weight, start + 1)
-    lookahead.after_step(model, 2)
+    lookahead.after_step(2)
     decay = lookahead.decay(2)
     torch.testing.assert_close(model.weight, start + (1 - decay))
     with torch.no_grad():
         model.weight.add_(1.0)
     saved = lookahead.state_dict()
-    lookahead.after_step(model, 4)  # the last step: the model takes the slow weights
+    lookahead.after_step(4)  # the last step: the model takes the slow weights
     torch.testing.assert_close(model.weight, lookahead.slow["weight"])
     restored = Lookahead(nn.Linear(2, 2), every=2, total_steps=4)
     restored.load_state_dict(saved)
