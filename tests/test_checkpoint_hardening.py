@@ -122,7 +122,7 @@ DAMAGE: dict[int, tuple[Callable[[Path], None], str]] = {
     8: (lambda f: edit_state(f, set_key("epoch", "1")), "'epoch' is not a count"),
     7: (add_unlisted_rank_file, "holds ['rank-1.json'], which state.json does not list"),
     6: (add_cuda_rng_state, "RNG state for CUDA device '64', which this machine lacks"),
-    5: (drop_optimizer_group, "optimizer.pt has 1 parameter groups, this run's optimizer 2"),
+    5: (drop_optimizer_group, "optimizer.pt has 1 parameter groups, this run's optimizer 3"),
     4: (reshape_classifier, "model.safetensors: classifier.weight is (5, 64)"),
     3: (lambda f: edit_state(f, set_key("version", 1)), "has format version 1; this code reads version 2"),
 }
