@@ -263,6 +263,18 @@ def test_transform(splits: Splits) -> nn.Module:
     )
 
 
+def evaluation_shard(size: int, rank: int, world_size: int) -> range:
+    """The indices of a test set of ``size`` items that rank ``rank`` of
+    ``world_size`` evaluates: every ``world_size``-th, from ``rank``.
+
+    The shards of all ranks cover each index exactly once, so when ``size`` is
+    not a multiple of ``world_size`` they differ in length by one. They are not
+    padded to equal length (as ``DistributedSampler`` pads, by repeating
+    indices): a repeated image would be counted twice in the test accuracy.
+    """
+    return range(rank, size, world_size)
+
+
 class Transformed(torch.utils.data.Dataset):
     """Apply a deterministic transform to each item's image."""
 
