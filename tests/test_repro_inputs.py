@@ -188,10 +188,10 @@ def test_reproduce_creates_no_data_folder_a_manifest_names(reference_run, tmp_pa
     path = manifest_with(reference_run, tmp_path / "manifest.json", config=config)
     status = main(["reproduce", str(path), "--output-dir", str(tmp_path / "again")])
     error = capsys.readouterr().err
-    assert status == 2, error[-2000:]
-    assert error.count("\n") == 1 and f"data_dir '{elsewhere / 'data'}' is not a folder here" in error
     assert not elsewhere.exists()
     assert not (tmp_path / "again").exists()
+    assert status == 2, error[-2000:]
+    assert error.count("\n") == 1 and f"data_dir '{elsewhere / 'data'}' is not a folder here" in error
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
@@ -212,7 +212,7 @@ def test_reproduce_stopped_while_training_removes_its_temporary_folder(reference
     trainers: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 240
-        while not list(temporary.glob("repro-reproduce-*/run/checkpoints/step-*")):
+        while not list(temporary.glob("repro-reproduce-*/**/checkpoints/step-*")):
             assert reproduce.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the re-run wrote no checkpoint"
             time.sleep(0.1)
