@@ -40,6 +40,7 @@ from cifar.data import (
     DataError,
     Splits,
     Transformed,
+    evaluation_shard,
     load_splits,
     test_transform,
     train_transform,
@@ -156,7 +157,8 @@ def build_loaders(
     train_loader = DataLoader(
         train_set, batch_sampler=sampler, generator=make_generator(config.seed, "train_loader", rank), **common
     )
-    test_set = Subset(Transformed(splits.test, test_transform(splits)), range(rank, len(splits.test), world_size))
+    test_shard = evaluation_shard(len(splits.test), rank, world_size)
+    test_set = Subset(Transformed(splits.test, test_transform(splits)), test_shard)
     test_loader = DataLoader(
         test_set,
         batch_size=config.batch_size // world_size,

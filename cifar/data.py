@@ -10,6 +10,7 @@ sample index).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from torchvision import transforms
 
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The largest image an image folder may hold, in pixels (8192x8192: 192 MiB decoded as RGB).
+# Every image is shrunk to 32x32, so a larger one adds nothing but memory and time.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 # Per-channel statistics of the training sets, on the 0-1 scale.
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -127,33 +131,65 @@ def cifar(name: str, data_dir: str) -> Splits:
     return Splits(_from_hwc(train.data, train.targets), _from_hwc(test.data, test.targets), num_classes, mean, std)
 
 
-def _read_folder(split_dir: Path, classes: list[str]) -> ImageArray:
-    from PIL import Image, UnidentifiedImageError
+def _read_image(path: Path) -> np.ndarray:
+    """One image file as a uint8 RGB array (32, 32, 3), resized when it is not 32x32.
 
+    The pixel count is checked from the file's header before any pixel is
+    decoded: a file of a few kilobytes can declare billions of pixels (a
+    decompression bomb). PIL's own limits would still decode up to about 179
+    million pixels, with only a warning above 89 million.
+    """
+    from PIL import Image
+
+    too_large = DataError(
+        f"image {path} has more than {MAX_IMAGE_PIXELS} pixels (a decompression bomb?); "
+        f"images are resized to {IMAGE_SIZE}x{IMAGE_SIZE}, so shrink it first"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise too_large
+                image = image.convert("RGB")
+                if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+                return np.asarray(image, dtype=np.uint8)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_large from None
+    # What PIL raises on a damaged file: OSError (UnidentifiedImageError is one), and from
+    # some decoders ValueError (a PNG text chunk too large to decompress), SyntaxError, EOFError.
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise DataError(f"unreadable image {path}") from None
+
+
+def _read_folder(split_dir: Path, classes: list[str]) -> ImageArray:
+    """Every image of ``split_dir/<class>/``, labelled by the class's index in ``classes``.
+
+    A class folder without images is an error, in train/ as in test/: a class that
+    is never trained on, or never tested, is a mistake in the folder, not a class.
+    """
     images, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        class_dir = split_dir / name
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"no images in class folder {class_dir} (expected {', '.join(IMAGE_SUFFIXES)} files)")
         for path in files:
-            try:
-                with Image.open(path) as image:
-                    image = image.convert("RGB")
-                    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-                    images.append(np.asarray(image, dtype=np.uint8))
-            except (OSError, UnidentifiedImageError):
-                raise DataError(f"unreadable image {path} in {split_dir}") from None
+            images.append(_read_image(path))
             labels.append(label)
-    if not images:
-        raise DataError(f"no images in {split_dir} (expected {split_dir}/<class>/*.jpg or .png)")
     return _from_hwc(np.stack(images), labels)
 
 
 def imagefolder(data_dir: str) -> Splits:
     """Any folder laid out as ``train/<class>/*`` and ``test/<class>/*`` images.
 
-    Images are converted to RGB and resized to 32x32 when they are not. The
+    Images are converted to RGB and resized to 32x32 when they are not; an
+    image of more than ``MAX_IMAGE_PIXELS`` pixels is refused unread. The
     classes are the sorted sub-folder names of ``train/``; ``test/`` must have
-    the same ones.
+    the same ones, and every class folder of either split at least one image.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -227,6 +263,18 @@ def test_transform(splits: Splits) -> nn.Module:
     return transforms.Compose(
         [transforms.ConvertImageDtype(torch.float32), transforms.Normalize(splits.mean, splits.std)]
     )
+
+
+def evaluation_shard(size: int, rank: int, world_size: int) -> range:
+    """The indices of a test set of ``size`` items that rank ``rank`` of
+    ``world_size`` evaluates: every ``world_size``-th, from ``rank``.
+
+    The shards of all ranks cover each index exactly once, so when ``size`` is
+    not a multiple of ``world_size`` they differ in length by one. They are not
+    padded to equal length (as ``DistributedSampler`` pads, by repeating
+    indices): a repeated image would be counted twice in the test accuracy.
+    """
+    return range(rank, size, world_size)
 
 
 class Transformed(torch.utils.data.Dataset):

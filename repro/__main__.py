@@ -13,6 +13,7 @@ identical, 1 different, 2 could not tell (a failed run, a missing file).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -90,9 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(f"python -m repro {arguments.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"python -m repro {arguments.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     print("\n".join(report.lines), flush=True)
     return report.status
 
 
+def exit_on_sigterm(number: int, frame: object) -> None:
+    """Turn SIGTERM into SystemExit, which unwinds through the checks' ``finally`` blocks:
+    the training run they started is stopped, their temporary folders removed."""
+    raise SystemExit(128 + number)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     sys.exit(main())

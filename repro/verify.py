@@ -29,13 +29,15 @@ import math
 import os
 import re
 import shlex
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from repro.determinism import determinism_settings
 from repro.distributed import launcher_world_size
@@ -55,6 +57,17 @@ RUN_LOCATION_KEYS = frozenset({"output_dir", "overwrite", "resume"})
 
 # Compared in sections of their own, not as plain manifest fields.
 MANIFEST_SECTION_KEYS = frozenset({"environment", "config", "weights_sha256"})
+
+# Bounds on a run folder's files, which may come from anyone. What train.py writes stays far
+# below them; past them, reading or comparing a file would exhaust memory, time or the stack.
+MAX_TEXT_BYTES = 16 * 1024 * 1024  # manifest.json, metrics.jsonl
+MAX_YAML_BYTES = 1024 * 1024  # config.yaml, a few dozen keys
+MAX_NESTING = 32  # levels of objects and lists in one document
+MAX_VALUES = 100_000  # values in one document, a YAML alias counted each time it is used
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # safetensors' own limit on its JSON header
+
+# The datasets for which train.py creates nothing: for CIFAR, it creates data_dir to download into.
+DATASETS_READ_IN_PLACE = frozenset({"synthetic", "imagefolder"})
 
 
 class CommandError(ValueError):
@@ -258,6 +271,7 @@ def _difference(a: Any, b: Any) -> str:
 class _Run:
     folder: Path
     manifest: dict[str, Any]
+    environment: dict[str, Any]
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
 
@@ -283,7 +297,7 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
         "manifest": _differences(
             a.manifest, b.manifest, skip=MANIFEST_SECTION_KEYS | {k for k in {*a.manifest, *b.manifest} if _timing(k)}
         ),
-        "environment": compare_fingerprints(a.manifest.get("environment", {}), b.manifest.get("environment", {})),
+        "environment": compare_fingerprints(a.environment, b.environment),
     }
     differing = [name for name, lines in sections.items() if lines]
     if not differing:
@@ -310,28 +324,93 @@ def _timing(key: str) -> bool:
 def _load_run(folder: Path) -> _Run:
     if not folder.is_dir():
         raise CommandError(f"run folder not found: {folder}")
+    manifest_path = folder / "manifest.json"
+    manifest = _read_json_object(manifest_path)
     return _Run(
         folder,
-        _read_json_object(folder / "manifest.json"),
+        manifest,
+        _environment(manifest, manifest_path),
         _read_yaml_mapping(folder / "config.yaml"),
         _read_metrics(folder / "metrics.jsonl"),
     )
 
 
-def _read_text(path: Path) -> str:
+# Reading a run folder's files. Every problem with one (missing, a link, not UTF-8, not
+# valid JSON or YAML, too large, nested too deeply) is a CommandError: one line, exit 2.
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file.
+
+    Links are not followed: train.py writes none, and one can point anywhere,
+    ``/dev/zero`` included, which would never end. Opening does not block,
+    which a FIFO would until something wrote to it.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        return path.read_text()
+        descriptor = os.open(path, flags)
     except FileNotFoundError:
         raise CommandError(f"{path} not found (is the run finished?)") from None
     except OSError as error:
+        if path.is_symlink():
+            raise CommandError(f"{path} is a symbolic link; a run folder's files are regular files") from None
         raise CommandError(f"cannot read {path}: {error.strerror}") from None
+    file = os.fdopen(descriptor, "rb")
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        file.close()
+        raise CommandError(f"{path} is not a regular file")
+    return file
+
+
+def _read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path``, a regular file of at most ``limit`` bytes."""
+    with _open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > limit:
+            raise CommandError(f"{path} is {size} bytes, more than the {limit} a run folder's file may have")
+        data = file.read(limit + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CommandError(f"{path} is not UTF-8 text (byte {error.start} is not)") from None
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """Refuse ``data`` nested more than ``MAX_NESTING`` deep or holding more than
+    ``MAX_VALUES`` values: comparing or printing it would recurse past Python's
+    limit, or, for a YAML alias bomb, run out of memory."""
+    pending, values = [(data, 0)], 0
+    while pending:
+        value, depth = pending.pop()
+        values += 1
+        if depth > MAX_NESTING:
+            raise CommandError(f"{where} is nested more than {MAX_NESTING} levels deep")
+        if values > MAX_VALUES:
+            raise CommandError(f"{where} holds more than {MAX_VALUES} values (YAML aliases counted at each use)")
+        if isinstance(value, dict):
+            pending += [(item, depth + 1) for item in value.values()]
+        elif isinstance(value, list | tuple | set):
+            pending += [(item, depth + 1) for item in value]
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise CommandError(f"{where} is nested too deeply to read") from None
+    except ValueError as error:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise CommandError(f"{where} is not valid JSON: {_first_line(error)}") from None
+    _check_shape(data, where)
+    return data
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise CommandError(f"{path} is not valid JSON: {error}") from None
+    data = _parse_json(_read_text(path), str(path))
     if not isinstance(data, dict):
         raise CommandError(f"{path} must hold a JSON object")
     return data
@@ -340,20 +419,64 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     import yaml
 
+    text = _read_text(path, MAX_YAML_BYTES)
     try:
-        data = yaml.safe_load(_read_text(path))
-    except yaml.YAMLError as error:
-        raise CommandError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise CommandError(f"{path} is nested too deeply to read") from None
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer of more digits than Python converts
+        raise CommandError(f"{path} is not valid YAML: {_first_line(error)}") from None
+    _check_shape(data, str(path))
     if not isinstance(data, dict):
         raise CommandError(f"{path} must hold a mapping of config keys to values")
     return data
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if line.strip():
+            record = _parse_json(line, f"{path} line {number}")
+            if not isinstance(record, dict):
+                raise CommandError(f"{path} line {number} is not a JSON object")
+            records.append(record)
+    return records
+
+
+def _environment(manifest: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The environment fingerprint a manifest records; empty when it records none."""
+    environment = manifest.get("environment")
+    if environment is None:
+        return {}
+    if not isinstance(environment, dict):
+        raise CommandError(f"{path}: 'environment' must be a mapping, got {type(environment).__name__}")
+    return environment
+
+
+def _read_weights(path: Path) -> dict[str, Any]:
+    """The tensors of ``model.safetensors``, refusing a file that is not one.
+
+    The file starts with the length of its JSON header, 8 bytes little-endian:
+    a length past the end of the file, or past safetensors' own limit, is
+    refused before anything more is read.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    with _open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        prefix = file.read(8)
+        header_length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise CommandError(
+                f"{path} is not a safetensors file: its header length ({header_length} bytes) "
+                f"does not fit in its {size} bytes"
+            )
+        data = prefix + file.read()
     try:
-        return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise CommandError(f"{path} is not valid JSON lines: {error}") from None
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError, KeyError) as error:  # KeyError: a dtype torch lacks
+        raise CommandError(f"{path} is not a valid safetensors file: {_first_line(error)}") from None
 
 
 _ABSENT = object()
@@ -394,12 +517,10 @@ def _weight_differences(a: _Run, b: _Run) -> list[str]:
         return []
     lines = [f"weights_sha256: {digest_a} -> {digest_b}"]
     files = [a.folder / "model.safetensors", b.folder / "model.safetensors"]
-    missing = [str(path) for path in files if not path.is_file()]
+    missing = [str(path) for path in files if not os.path.lexists(path)]
     if missing:
         return [*lines, f"no tensor-by-tensor comparison: {', '.join(missing)} not found"]
-    from safetensors.torch import load_file
-
-    tensors_a, tensors_b = load_file(files[0]), load_file(files[1])
+    tensors_a, tensors_b = _read_weights(files[0]), _read_weights(files[1])
     names = [*tensors_a, *(name for name in tensors_b if name not in tensors_a)]
     differing = []
     for name in names:
@@ -441,11 +562,17 @@ def reproduce_run(
 
     The resolved config comes from the manifest's ``config`` field (or the run
     folder's ``config.yaml``), with ``output_dir`` set to a fresh folder
-    (``output_dir``, or a new temporary folder that is kept), ``overwrite`` false
-    and ``resume`` none. It is written to a temporary YAML file and passed to
-    this repository's ``train.py`` with ``--config``, run by this interpreter;
-    ``train.py`` validates every key. The manifest is data: none of its values is
-    ever executed, or passed to a shell.
+    (``output_dir``, or ``run`` in a new temporary folder), ``overwrite`` false
+    and ``resume`` none. It is written to a YAML file in that temporary folder
+    and passed to this repository's ``train.py`` with ``--config``, run by this
+    interpreter; ``train.py`` validates every key. The manifest is data: none of
+    its values is ever executed, or passed to a shell.
+
+    Nothing is created outside the temporary folder and ``output_dir``: a
+    ``data_dir`` that train.py would create (to download CIFAR into) must exist
+    already. The temporary folder is removed when the re-run fails or is
+    interrupted (by an exception, ``KeyboardInterrupt`` included; ``python -m
+    repro`` turns SIGTERM into one), and kept when it holds a finished re-run.
 
     Before the run, ``say`` receives one warning per difference between the
     recorded environment and this one: with any, bitwise equality is not promised.
@@ -471,18 +598,18 @@ def reproduce_run(
     world_size = manifest.get("world_size", 1)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise CommandError(f"{path}: world_size must be a positive integer, got {world_size!r}")
+    environment = _environment(manifest, path)
+    _check_data_dir(config, path)
     script = train_script()
     if not script.is_file():
         raise CommandError(f"reproduce runs this repository's train.py, which is not at {script}")
-    output = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="repro-reproduce-"))
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise CommandError(f"output folder {output} is not empty; choose a new one")
+    chosen = Path(output_dir) if output_dir is not None else None
+    if chosen is not None and chosen.exists() and (not chosen.is_dir() or any(chosen.iterdir())):
+        raise CommandError(f"output folder {chosen} is not empty; choose a new one")
 
     warnings = [
         f"warning: environment differs, bitwise equality is not promised: {difference}"
-        for difference in compare_fingerprints(
-            manifest.get("environment") or {}, environment_fingerprint(world_size, script.parent)
-        )
+        for difference in compare_fingerprints(environment, environment_fingerprint(world_size, script.parent))
     ]
     if world_size != 1:
         warnings.append(
@@ -492,20 +619,29 @@ def reproduce_run(
     for warning in warnings:
         say(warning)
 
-    rerun_config = {**config, "output_dir": str(output), "overwrite": False, "resume": None}
     # A trace request exported in this shell would cut the re-run short.
     env = {key: value for key, value in os.environ.items() if key not in (TRACE_DIR_VARIABLE, TRACE_STEPS_VARIABLE)}
-    with tempfile.TemporaryDirectory(prefix="repro-reproduce-config-") as scratch:
-        config_file = Path(scratch) / "config.yaml"
+    scratch = Path(tempfile.mkdtemp(prefix="repro-reproduce-"))
+    output = chosen or scratch / "run"
+    config_file = scratch / "config.yaml"
+    keep_scratch = False
+    try:
+        rerun_config = {**config, "output_dir": str(output), "overwrite": False, "resume": None}
         config_file.write_text(yaml.safe_dump(rerun_config, sort_keys=False))
         command = [sys.executable, str(script), "--config", str(config_file)]
         say(f"re-running {path} into {output}: {shlex.join(command)}")
         # The re-run's output goes straight to this terminal: it may train for hours.
         status = subprocess.run(command, env=env).returncode
-    if status != 0:
-        return Report(ERROR, [f"could not reproduce: train.py exited with status {status} (its error is above)"])
+        if status != 0:
+            return Report(ERROR, [f"could not reproduce: train.py exited with status {status} (its error is above)"])
+        reproduced = _read_json_object(output / "manifest.json").get("weights_sha256")
+        keep_scratch = chosen is None
+    finally:
+        if keep_scratch:
+            config_file.unlink()
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    reproduced = _read_json_object(output / "manifest.json").get("weights_sha256")
     if reproduced == recorded:
         return Report(SAME, [f"reproduced: weights_sha256 {recorded} matches", f"the new run is in {output}"])
     lines = [
@@ -517,6 +653,23 @@ def reproduce_run(
     if warnings:
         lines.append("the environment differs too (see the warnings above)")
     return Report(DIFFERENT, lines)
+
+
+def _check_data_dir(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse a re-run whose ``data_dir`` train.py would create: a manifest may come from
+    anyone, and reproduce must not create folders wherever one says.
+
+    train.py creates a missing ``data_dir`` only to download CIFAR into it; the
+    synthetic set reads no folder, and an image folder must exist already.
+    """
+    if config.get("dataset") in DATASETS_READ_IN_PLACE:
+        return
+    data_dir = config.get("data_dir")
+    if not isinstance(data_dir, str) or not Path(data_dir).is_dir():
+        raise CommandError(
+            f"{path}: the run's data_dir {data_dir!r} is not a folder here, and reproduce creates none "
+            "(train.py would, to download the dataset into); put the dataset there first"
+        )
 
 
 # --------------------------------------------------------------------------- env

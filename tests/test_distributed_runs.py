@@ -53,6 +53,15 @@ def test_every_test_image_counts_once(two_process_run):
     assert all(row["test_images"] == 128 for row in read_metrics(two_process_run))
 
 
+@pytest.mark.parametrize("pipeline", ["dataloader", "device"])
+def test_a_test_set_that_two_ranks_cannot_split_evenly_counts_each_image_once(tmp_path, pipeline):
+    # 101 images: shares of 51 and 50. Padding them to equal length would count an image twice (102).
+    run_dir = tmp_path / "run"
+    launch_two_processes(run_dir, "--synthetic-test-size", "101", "--epochs", "1", "--data-pipeline", pipeline)
+    assert read_manifest(run_dir)["test_images"] == 101
+    assert [row["test_images"] for row in read_metrics(run_dir)] == [101]
+
+
 def test_two_process_run_repeats_bitwise(two_process_run, tmp_path):
     launch_two_processes(tmp_path / "again")
     assert read_manifest(tmp_path / "again")["weights_sha256"] == read_manifest(two_process_run)["weights_sha256"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from conftest import REPO, TINY, clean_env, run_train, train_ok
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 IMAGEFOLDER = ["--dataset", "imagefolder", "--model", "small_cnn", "--epochs", "1", "--batch-size", "8",
                "--num-workers", "0", "--lr", "0.05"]  # fmt: skip
@@ -31,17 +35,47 @@ def test_imagefolder_trains(tmp_path):
     assert manifest["test_images"] == 16
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG file of a few bytes whose header declares ``width`` x ``height`` RGB pixels
+    (no pixel data follows): a decompression bomb, as far as reading its header tells."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def png_with_text_bomb() -> bytes:
+    """A valid 32x32 PNG whose compressed text chunk inflates to 8 MiB, more than PIL reads."""
+    info = PngInfo()
+    info.add_text("comment", "x" * (8 * 1024 * 1024), zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+TOO_MANY_PIXELS = "pixels (a decompression bomb?)"
+
+
 @pytest.mark.parametrize(
-    ("breakage", "message"),
+    ("breakage", "message", "named"),
     [
-        ("missing", "does not exist"),
-        ("no_test", "has no test/ folder"),
-        ("no_images", "no images in"),
-        ("unreadable", "unreadable image"),
-        ("mismatched_classes", "has classes"),
+        ("missing", "does not exist", ""),
+        ("no_test", "has no test/ folder", ""),
+        ("no_images", "no images in class folder", "train/cat"),
+        ("empty_train_class", "no images in class folder", "train/dog"),
+        ("empty_test_class", "no images in class folder", "test/cat"),
+        ("unreadable", "unreadable image", "train/cat/0.png"),
+        ("text_bomb", "unreadable image", "train/dog/3.png"),
+        # Above PIL's error limit (2 x 89 megapixels): PIL raises DecompressionBombError.
+        ("pixel_bomb", TOO_MANY_PIXELS, "train/cat/1.png"),
+        # Between PIL's warning and error limits: PIL only warns, then decodes.
+        ("pixel_bomb_below_pil_error", TOO_MANY_PIXELS, "test/dog/2.png"),
+        ("mismatched_classes", "has classes", "test"),
     ],
 )
-def test_bad_image_folders_get_a_clear_error(tmp_path, breakage, message):
+def test_bad_image_folders_get_a_clear_error(tmp_path, breakage, message, named):
     data = tmp_path / "data"
     if breakage != "missing":
         make_folder(data)
@@ -54,14 +88,26 @@ def test_bad_image_folders_get_a_clear_error(tmp_path, breakage, message):
             path.unlink()
         for path in (data / "train" / "dog").iterdir():
             path.unlink()
+    elif breakage in ("empty_train_class", "empty_test_class"):
+        for path in (data / named).iterdir():
+            path.unlink()
+        (data / named / "notes.txt").write_text("not an image")
     elif breakage == "unreadable":
-        (data / "train" / "cat" / "0.png").write_bytes(b"not an image")
+        (data / named).write_bytes(b"not an image")
+    elif breakage == "text_bomb":
+        (data / named).write_bytes(png_with_text_bomb())
+    elif breakage == "pixel_bomb":
+        (data / named).write_bytes(png_declaring(50000, 50000))
+    elif breakage == "pixel_bomb_below_pil_error":
+        (data / named).write_bytes(png_declaring(10000, 10000))
     elif breakage == "mismatched_classes":
         (data / "test" / "dog").rename(data / "test" / "bird")
     result = run_train(*IMAGEFOLDER, "--data-dir", str(data), "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and str(data) in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("train.py: error: ") and message in error, error
+    assert str(data / named) in error
 
 
 def test_cifar10_offline_names_the_ways_out(tmp_path):
