@@ -174,7 +174,9 @@ WHITENING_IMAGES = 5000  # training images the whitening layer is computed from,
 
 def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accelerator: Accelerator) -> nn.Module:
     """Initialise the weights from the model stream: identical on every rank,
-    without touching the runtime stream (dropout) of this process."""
+    without touching the runtime stream (dropout) of this process. The speedrun
+    net's whitening layer is computed from training images that the whitening
+    stream chooses."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seeds.model())
         model = build_model(config.model, splits.num_classes)
