@@ -30,6 +30,7 @@ CONFIG = str(REPO / "configs" / "cifar10_speedrun.yaml")
 SPEEDRUN = [
     "--config", CONFIG,
     "--model", "speedrun",
+    "--data-pipeline", "device",
     "--lr", "1.5",
     "--synthetic-train-size", "128",
     "--synthetic-test-size", "32",
