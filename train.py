@@ -657,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
             f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint written; "
             f"continue with --resume latest --output-dir {run_dir}"
         )
+        # Destroy the process groups here too: a gloo worker thread still alive when the
+        # interpreter shuts down can abort the process (SIGABRT) as it lets go of a tensor.
+        accelerator.end_training()
         return 128 + stopped_by
     save(config, run_dir, accelerator, model, seeds, determinism, splits, result, progress)
     accelerator.wait_for_everyone()

@@ -287,7 +287,9 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
     that differ and by how much at most).
 
     Raises:
-        CommandError: a folder, or its manifest, config or metrics, is missing or unreadable.
+        CommandError: a folder, or its manifest, config or metrics, is missing, unreadable
+            or malformed (not UTF-8, not valid JSON or YAML, past the ``MAX_*`` bounds
+            above); or a ``model.safetensors`` that has to be read is a link or not one.
     """
     a, b = _load_run(Path(run_a)), _load_run(Path(run_b))
     sections = {
@@ -340,6 +342,7 @@ def _load_run(folder: Path) -> _Run:
 
 
 def _first_line(error: BaseException) -> str:
+    """An error's message cut to its first line: reports of a bad file stay one line long."""
     lines = str(error).splitlines()
     return lines[0] if lines else type(error).__name__
 

@@ -226,6 +226,12 @@ for seed in sys.argv[2:]:
         torch.save(state, f"{sys.argv[1]}/seed-{seed}-world-{world_size}.pt")
 if world_size > 1:
     dist.destroy_process_group()
+    # DistributedDataParallel keeps the group, and gloo's worker threads, alive past
+    # destroy_process_group. A worker that lets go of a finished collective's tensors while
+    # the interpreter shuts down must take the GIL, is ended by Python for it, and aborts
+    # the process ("terminate called without an active exception"). Skip that shutdown.
+    sys.stdout.flush()
+    os._exit(0)
 """
 
 # Summation order differs between one process and an all-reduce of two: agreement
