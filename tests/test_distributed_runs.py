@@ -53,7 +53,9 @@ def test_every_test_image_counts_once(two_process_run):
     assert all(row["test_images"] == 128 for row in read_metrics(two_process_run))
 
 
-@pytest.mark.parametrize("pipeline", ["dataloader", "device"])
+# The DataLoader's shards are unit-tested in test_sharding.py; end to end, one pipeline
+# runs in `make test` (a suite under 10 minutes) and the other with the slow tests.
+@pytest.mark.parametrize("pipeline", [pytest.param("dataloader", marks=pytest.mark.slow), "device"])
 def test_a_test_set_that_two_ranks_cannot_split_evenly_counts_each_image_once(tmp_path, pipeline):
     # 101 images: shares of 51 and 50. Padding them to equal length would count an image twice (102).
     run_dir = tmp_path / "run"

@@ -194,7 +194,8 @@ def test_reproduce_creates_no_data_folder_a_manifest_names(reference_run, tmp_pa
     assert error.count("\n") == 1 and f"data_dir '{elsewhere / 'data'}' is not a folder here" in error
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+# SIGINT takes the same path as SIGTERM: it runs with the slow tests, to keep `make test` under 10 minutes.
+@pytest.mark.parametrize("stop", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_reproduce_stopped_while_training_removes_its_temporary_folder(reference_run, tmp_path, stop):
     temporary = tmp_path / "tmp"
     temporary.mkdir()

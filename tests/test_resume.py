@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
 
 from cifar import checkpoint
@@ -105,6 +106,7 @@ def stopped_run(tmp_path: Path) -> tuple[Path, list[Path]]:
     return run_dir, sorted((run_dir / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow  # test_checkpoint_hardening.py's fallback test covers this, and 13 kinds of damage more
 def test_corrupt_checkpoint_is_refused_and_auto_falls_back(reference_run, tmp_path):
     run_dir, checkpoints = stopped_run(tmp_path)
     newest = checkpoints[-1]
