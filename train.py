@@ -10,9 +10,11 @@ optimizer, training loop, evaluation, save. Every random stream comes from
 
 import repro.hashseed
 
-# PYTHONHASHSEED is read only when the interpreter starts, so re-execute with
-# it set now, before the heavy imports below make the re-execution expensive.
-repro.hashseed.ensure_hash_seed()
+if __name__ == "__main__":
+    # PYTHONHASHSEED is read only when the interpreter starts, so re-execute with
+    # it set now, before the heavy imports below make the re-execution expensive.
+    # Importing this module (a benchmark, your own script) re-executes nothing.
+    repro.hashseed.ensure_hash_seed()
 
 import contextlib
 import functools
@@ -69,6 +71,7 @@ from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
 from repro.rng import capture_rng_state, restore_rng_state
 from repro.seeding import seed_everything
 from repro.seeds import SeedPlan
+from repro.stop import GracefulStop
 from repro.trace import StepTracer
 from repro.weights import state_dict_sha256
 
@@ -264,37 +267,6 @@ class Training:
     lookahead: Lookahead | None = None
 
 
-class StopRequest:
-    """Turn SIGTERM and SIGINT into a request to stop after the current step.
-
-    Cluster schedulers send SIGTERM before preemption: the run finishes its
-    step, writes a checkpoint and exits, and `--resume auto` continues it. The
-    signal may reach one rank only, so with several processes the ranks agree
-    after every step, and all stop at the same one.
-    """
-
-    def __init__(self, accelerator: Accelerator) -> None:
-        self.signal: int | None = None
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._handle)
-        # The ranks agree over a CPU (gloo) group of their own: reading the result of
-        # an all-reduce on the GPU would make the host wait for the queued step, every step.
-        multi_process = accelerator.num_processes > 1
-        self.group = torch.distributed.new_group(backend="gloo") if multi_process else None
-
-    def _handle(self, number: int, frame: object) -> None:
-        self.signal = number
-
-    def agreed(self) -> int | None:
-        """The signal that reached any rank (the highest number, if several did), the same
-        on every rank; None if none did."""
-        if self.group is None:
-            return self.signal
-        number = torch.tensor([self.signal or 0])
-        torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return int(number.item()) or None
-
-
 def agree_across_ranks(accelerator: Accelerator, value: object, error: str | None) -> list[object]:
     """Gather every rank's ``value``, and raise on every rank the first ``error`` any rank had.
 
@@ -468,6 +440,7 @@ def train(
     progress: Progress,
     loss_sum: torch.Tensor,
     tracer: StepTracer | None,
+    stop_request: GracefulStop,
 ) -> tuple[dict[str, float], int | None]:
     """One optimizer step per global batch; evaluation and a checkpoint at each epoch end.
 
@@ -480,7 +453,6 @@ def train(
     scheduler = training.scheduler
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     unwrapped, lookahead = accelerator.unwrap_model(model), training.lookahead
-    stop_request = StopRequest(accelerator)
     start_time, stopped_by = time.perf_counter(), None
     # Resumed from the last epoch's checkpoint, a run has no epoch left to evaluate:
     # its result is that epoch's evaluation.
@@ -651,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.init_trackers("tensorboard")
     accelerator.wait_for_everyone()
 
-    result, stopped_by = train(training, train_batches, test_batches, metrics, progress, loss_sum, tracer)
+    # SIGTERM (a scheduler's preemption) and SIGINT stop the run after its current step, with a checkpoint.
+    with GracefulStop() as stop:
+        result, stopped_by = train(training, train_batches, test_batches, metrics, progress, loss_sum, tracer, stop)
     if stopped_by is not None:
         accelerator.print(
             f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint written; "

@@ -2,10 +2,7 @@
 the machine they ran on, and the median-of-ratios summary.
 
 Import it before anything from the repository: ``python bench/X.py`` puts only
-``bench/`` on ``sys.path``, and ``cifar/`` is not an installed package. Importing
-it also makes ``PYTHONHASHSEED`` effective as train.py does, by re-executing the
-benchmark at once: a benchmark that imports train.py would otherwise be
-re-executed by that import, after its heavy imports.
+``bench/`` on ``sys.path``, and ``cifar/`` is not an installed package.
 
 Every benchmark reports speed as a ratio of two configurations measured in one
 run, in alternating repetitions, so that load from other processes on a shared
@@ -28,8 +25,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-# Through importlib because the import has to follow the path set-up above.
-importlib.import_module("repro.hashseed").ensure_hash_seed()
 
 DETERMINISM_MODES = ("strict", "off", "strict+fill")  # what set_determinism accepts
 

@@ -34,7 +34,6 @@ import contextlib
 import gc
 import io
 import json
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -121,8 +120,7 @@ def handwritten_device(args: argparse.Namespace) -> dict[str, float]:
 
 
 class TorchDefaults:
-    """The process-wide settings train.py changes (determinism, signal handlers),
-    captured now and put back by :meth:`restore`."""
+    """The process-wide settings train.py changes (determinism), captured now and put back by :meth:`restore`."""
 
     def __init__(self) -> None:
         self.deterministic = torch.are_deterministic_algorithms_enabled()
@@ -130,15 +128,12 @@ class TorchDefaults:
         self.cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
         self.tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         self.matmul_precision = torch.get_float32_matmul_precision()
-        self.handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self) -> None:
         torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = self.cudnn
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.tf32
         torch.set_float32_matmul_precision(self.matmul_precision)
-        for number, handler in self.handlers.items():
-            signal.signal(number, handler)
 
 
 def pipeline(args: argparse.Namespace, run_dir: Path, defaults: TorchDefaults) -> dict[str, float]:

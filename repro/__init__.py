@@ -14,6 +14,7 @@ Each concern lives in its own module:
 - :mod:`repro.audit`: modules with no deterministic CUDA implementation
 - :mod:`repro.weights`: hashes of model weights
 - :mod:`repro.trace`: per-step traces for the run-twice verifier
+- :mod:`repro.stop`: stopping after the current step on SIGTERM/SIGINT (:class:`GracefulStop`)
 - :mod:`repro.verify`: ``python -m repro verify / compare / reproduce / env``
 
 Names are imported lazily, so ``import repro`` is instant and
@@ -52,6 +53,7 @@ _EXPORTS = {
     "state_dict_sha256": "repro.weights",
     "tensor_digests": "repro.weights",
     "StepTracer": "repro.trace",
+    "GracefulStop": "repro.stop",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

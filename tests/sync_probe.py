@@ -1,6 +1,6 @@
 """Run train.py in this process and count, during its training steps, the calls that make a host wait for a GPU.
 
-    PYTHONHASHSEED=0 python tests/sync_probe.py TRAIN_ARGS... [-- TRAIN_ARGS...]...
+    python tests/sync_probe.py TRAIN_ARGS... [-- TRAIN_ARGS...]...
 
 Runs ``train.main`` once per group of arguments, one after the other, and
 prints one JSON line for each: ``{"status": 0, "steps": N, "calls":
@@ -36,7 +36,7 @@ import accelerate  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed  # noqa: E402
 
-import train  # noqa: E402  (re-executes this script first if PYTHONHASHSEED is not set)
+import train  # noqa: E402
 
 # (owner, attribute) of every call that, on a GPU, blocks the host until the device catches up.
 SYNCHRONISING = [

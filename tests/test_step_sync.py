@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, TINY, clean_env
+from conftest import REPO, TINY, clean_env, read_manifest
 
 
 def test_no_synchronising_call_in_the_training_steps(tmp_path):
@@ -25,7 +25,7 @@ def test_no_synchronising_call_in_the_training_steps(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "sync_probe.py"), *device, "--", *dataloader],
         cwd=REPO,
-        env=clean_env(PYTHONHASHSEED="0"),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -37,3 +37,6 @@ def test_no_synchronising_call_in_the_training_steps(tmp_path):
     assert [run["steps"] for run in runs] == [16, 16]  # TINY: 2 epochs of 256 / 32 steps, all watched
     calls = {pipeline: run["calls"] for pipeline, run in zip(("device", "dataloader"), runs, strict=True)}
     assert calls == {"device": {}, "dataloader": {}}, f"calls that wait for the GPU in the steps: {calls}"
+    # The probe imported train.py without PYTHONHASHSEED: an import re-executes nothing, so the
+    # runs record none (`python train.py` fixes it before its imports; test_train_cli.py checks that).
+    assert read_manifest(tmp_path / "device")["python_hash_seed"] is None
