@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO, clean_env
 
 from repro import GracefulStop
 
@@ -58,3 +61,21 @@ def test_bad_arguments_raise_value_errors():
         GracefulStop(signals=[])
     with pytest.raises(ValueError, match="is not initialised"):
         GracefulStop(group=object())
+
+
+def test_a_group_of_the_callers_own_carries_the_agreement():
+    code = (
+        "import os, signal, torch.distributed as dist\n"
+        "from repro import GracefulStop\n"
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+        "group = dist.new_group(backend='gloo')\n"
+        "with GracefulStop(group=group) as stop:\n"
+        "    first = stop.agreed()\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print(first, stop.agreed().name, flush=True)\n"
+        "print(dist.get_backend(group))  # the caller's group is left alive\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["None", "SIGTERM", "gloo"]
