@@ -98,8 +98,9 @@ class GracefulStop:
         self.received = None
         try:
             for number in self.signals:
-                self._previous[number] = signal.getsignal(number)
-                signal.signal(number, self._record)
+                previous = signal.getsignal(number)
+                signal.signal(number, self._record)  # raises outside the main thread
+                self._previous[number] = previous
         except BaseException:
             self._restore()
             raise
