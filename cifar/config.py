@@ -16,12 +16,14 @@ import reprlib
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from cifar.models import model_names
 from repro.seeds import MAX_USER_SEED
 
 
@@ -62,8 +64,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _field(default: Any, help: str, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
+    """A config field. ``choices`` gives a ``str`` field's allowed values when they are not a
+    fixed ``Literal``: it is called at each check, so values registered after import count."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -111,9 +115,7 @@ class TrainConfig:
     )
 
     # Model.
-    model: Literal["small_cnn", "resnet18", "resnet9", "speedrun", "small_cnn_dropout"] = _field(
-        "resnet18", "network architecture"
-    )
+    model: str = _field("resnet18", "network architecture, a name in cifar.models.MODELS", choices=model_names)
     whiten_bias_epochs: int = _field(
         3, "speedrun model: epochs in which the whitening layer's bias trains (its weights never do)"
     )
@@ -201,12 +203,20 @@ def _allowed(hint: Any) -> tuple[type | None, tuple[Any, ...] | None, bool]:
     return hint, None, optional
 
 
+def _choices(key: str) -> tuple[Any, ...] | None:
+    """The values field ``key`` accepts when it is a choice (its ``Literal``'s, or its registry's names), else None."""
+    _, choices, _ = _allowed(_field_types()[key])
+    registry = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}[key].metadata["choices"]
+    return registry() if registry is not None else choices
+
+
 def coerce(key: str, value: Any) -> Any:
     """Check ``value`` against the type of field ``key`` and return it; ``ConfigError`` if it does not fit."""
     hints = _field_types()
     if key not in hints:
         raise ConfigError(f"unknown config key {_short(key)}")
-    base, choices, optional = _allowed(hints[key])
+    base, _, optional = _allowed(hints[key])
+    choices = _choices(key)
     if value is None:
         if optional:
             return None
@@ -417,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints = _field_types()
     for spec in dataclasses.fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
-        _, choices, _ = _allowed(hints[spec.name])
+        choices = _choices(spec.name)
         help_text = spec.metadata.get("help", "")
         if hints[spec.name] is bool:
             parser.add_argument(

@@ -4,6 +4,8 @@ pass :func:`repro.audit.audit_model` and run under strict determinism."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -217,7 +219,10 @@ class SpeedrunNet(nn.Module):
         return self.head(features.amax(dim=(2, 3))) * self.LOGIT_SCALE
 
 
-MODELS = {
+# The networks ``--model`` names. A model of this project is one entry here: a name
+# (letters, digits, ``_``, ``.``, ``-``: it becomes part of the run folder's name) and
+# a callable that builds the network from ``num_classes``.
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "small_cnn_dropout": SmallCNNDropout,
     "resnet18": ResNet18,
@@ -225,7 +230,41 @@ MODELS = {
     "speedrun": SpeedrunNet,
 }
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add ``builder`` to :data:`MODELS` under ``name``: the config then accepts ``model: name``.
+
+    For a network defined outside this file, in the process that then parses
+    the config (a test, say); a network of this project is one more entry in
+    ``MODELS`` instead.
+    ``builder(num_classes=N)`` must return a freshly initialised network.
+    Raises ``ValueError`` for a name that is taken, or not letters, digits,
+    ``_``, ``.`` and ``-`` (it becomes part of a folder name), and for a
+    builder that is not callable.
+    """
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise ValueError(
+            f"a model name is letters, digits, '_', '.' and '-', starting with a letter or digit; got {name!r}"
+        )
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    if not callable(builder):
+        raise ValueError(f"the builder of model {name!r} must be callable, got {builder!r}")
+    MODELS[name] = builder
+
+
+def model_names() -> tuple[str, ...]:
+    """The names ``--model`` accepts, in registration order: the config checks against them."""
+    return tuple(MODELS)
+
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """Build the named network with freshly initialised weights (from torch's CPU generator)."""
+    """Build the named network with freshly initialised weights (from torch's CPU generator).
+
+    Raises ``ValueError`` naming the registered models for an unknown name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
     return MODELS[name](num_classes=num_classes)

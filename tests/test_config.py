@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
-from cifar.config import ConfigError, config_differences, parse_config
+from cifar import models
+from cifar.config import ConfigError, build_parser, config_differences, parse_config
 
 
 def test_yaml_fills_and_flags_override(tmp_path):
@@ -45,3 +47,19 @@ def test_run_control_keys_do_not_make_a_different_run():
     previous = {**vars(base), "num_workers": 7, "resume": "auto", "max_steps": 3}
     assert config_differences(previous, base) == []
     assert config_differences({**vars(base), "lr": 1.0}, base) == [f"lr: 1.0 -> {base.lr!r}"]
+
+
+def test_a_registered_model_is_a_config_choice(monkeypatch):
+    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))  # the registration ends with the test
+    with pytest.raises(ConfigError, match=r"'model' must be one of small_cnn, .*, speedrun, got 'linear'"):
+        parse_config(["--model", "linear"])
+    models.register_model(
+        "linear", lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
+    )
+    assert parse_config(["--model", "linear"]).model == "linear"
+    assert "--model {small_cnn,small_cnn_dropout,resnet18,resnet9,speedrun,linear}" in build_parser().format_help()
+    assert models.build_model("linear", 7)[1].out_features == 7
+    with pytest.raises(ValueError, match="'linear' is already registered"):
+        models.register_model("linear", nn.Identity)
+    with pytest.raises(ValueError, match="a model name is letters, digits"):
+        models.register_model("../linear", nn.Identity)

@@ -64,14 +64,17 @@ def test_max_steps_stops_and_writes_the_run(tmp_path):
         (["--seed", "abc"], "'seed' must be int"),
         (["--config", "no/such/file.yaml"], "config file not found: no/such/file.yaml"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
-        (["--model", "vgg"], "'model' must be one of"),
+        (
+            ["--model", "vgg"],
+            "'model' must be one of small_cnn, small_cnn_dropout, resnet18, resnet9, speedrun, got 'vgg'",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), *args)
     assert result.returncode == 2
+    assert result.stderr.startswith("train.py: error: ") and result.stderr.count("\n") == 1  # one line, no traceback
     assert message in result.stderr
-    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
