@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         write_config(run_dir, config)
         if progress.step == 0:
             metrics.rewrite([])
-    tracking.init_trackers(accelerator, config.log_with if accelerator.log_with else None, run_dir, progress.step)
+    tracking.init_trackers(accelerator, run_dir, progress.step)
     accelerator.wait_for_everyone()
 
     result, stopped_by = train(training, train_batches, test_batches, metrics, progress, loss_sum, tracer)

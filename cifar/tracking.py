@@ -55,15 +55,15 @@ def choose_tracker(requested: str) -> tuple[str | None, str | None]:
 
 def project_dir(tracker: str | None, run_dir: Path) -> Path | None:
     """accelerate's ``project_dir`` for ``tracker``: the run folder for tensorboard's event files;
-    the working directory for aim's repository, aim's own default; None for the others, which
-    keep their data where they do by default (wandb's server, mlflow's tracking URI)."""
+    the working directory for aim's repository, aim's own default; None for wandb and mlflow,
+    which keep their data where their own settings say (mlflow: its tracking URI)."""
     if tracker == "tensorboard":
         return run_dir
     return Path.cwd() if tracker == "aim" else None
 
 
-def init_trackers(accelerator: Accelerator, tracker: str | None, run_dir: Path, resumed_step: int) -> None:
-    """Start the run's tracker; call once, after the resume, on every process.
+def init_trackers(accelerator: Accelerator, run_dir: Path, resumed_step: int) -> None:
+    """Start the tracker ``accelerator`` was created with, if any; call once, after the resume, on every process.
 
     A run resumed at step ``resumed_step`` logs again every step after it, so
     tensorboard hides what an earlier attempt logged from step
@@ -72,8 +72,9 @@ def init_trackers(accelerator: Accelerator, tracker: str | None, run_dir: Path, 
     aim start a new run of the tracker, named after the run folder, at each
     invocation.
     """
-    if tracker is None:
+    if not accelerator.log_with:
         return
+    tracker = str(accelerator.log_with[0])
     if tracker == "tensorboard":
         accelerator.init_trackers(TENSORBOARD_DIR, init_kwargs={"tensorboard": {"purge_step": resumed_step + 1}})
         return
