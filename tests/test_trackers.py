@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from conftest import TINY, run_train, train_ok
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_resume import assert_same_run
 from torch import nn
 
 from cifar.config import parse_config
@@ -60,6 +61,7 @@ def test_every_step_is_logged_once_with_its_values_even_after_a_resume(reference
     assert logged_scalars(run_dir) == {tag: reference[tag][:5] for tag in ("step/train_loss", "step/lr")}
     train_ok(run_dir, "--resume", str(run_dir / "checkpoints" / "step-00000003"))
     assert logged_scalars(run_dir) == reference
+    assert_same_run(run_dir, reference_run)  # resumed from a checkpoint older than the latest, too
 
 
 def test_a_tracker_that_is_not_installed_is_a_one_line_error(tmp_path):
