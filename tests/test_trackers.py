@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import TINY, run_train, train_ok
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_resume import assert_same_run
@@ -13,6 +14,7 @@ from torch import nn
 
 from cifar.config import parse_config
 from cifar.optim import build_optimizer
+from cifar.tracking import TrackerUnavailableError, choose_tracker
 
 STEPS_PER_EPOCH = 8  # TINY: 256 images in global batches of 32, for 2 epochs
 TIMING_TAGS = ("images_per_s", "train_s", "eval_s", "elapsed_s")  # no two runs share them
@@ -71,3 +73,13 @@ def test_a_tracker_that_is_not_installed_is_a_one_line_error(tmp_path):
         "train.py: error: --log-with wandb needs the wandb package, which is not installed: pip install wandb"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_each_tracker_is_checked_before_the_run_starts():
+    assert choose_tracker("tensorboard") == ("tensorboard", None)  # installed with the dev requirements
+    assert choose_tracker("none") == (None, None)
+    # Neither is installed here: asked for by name, each is an error that says what to install.
+    with pytest.raises(TrackerUnavailableError, match=r"needs the mlflow package.*: pip install mlflow$"):
+        choose_tracker("mlflow")
+    with pytest.raises(TrackerUnavailableError, match=r"needs the aim package.*: pip install 'aim<4'$"):
+        choose_tracker("aim")
