@@ -18,7 +18,6 @@ if __name__ == "__main__":
 
 import contextlib
 import functools
-import importlib.util
 import math
 import os
 import signal
@@ -35,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from cifar import checkpoint
+from cifar import checkpoint, tracking
 from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, resolve_mixed_precision
 from cifar.data import (
     TRAIN_TRANSFORM_GENERATORS,
@@ -84,7 +83,7 @@ class UsageError(Exception):
 
 def setup_distributed(config: TrainConfig, run_dir: Path) -> Accelerator:
     """Create the Accelerator in the resolved precision; refuse processes that each believe they are alone."""
-    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    tracker, tracker_note = tracking.choose_tracker(config.log_with)
     cuda = torch.cuda.is_available()
     native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     try:
@@ -93,11 +92,13 @@ def setup_distributed(config: TrainConfig, run_dir: Path) -> Accelerator:
             # starts processes that each see a world of one and write the same folder.
             cpu=not cuda,
             mixed_precision=resolve_mixed_precision(config.mixed_precision, cuda, native_bf16),
-            log_with="tensorboard" if tensorboard else None,
-            project_dir=run_dir if tensorboard else None,
+            log_with=tracker,
+            project_dir=tracking.project_dir(tracker, run_dir),
         )
     except ValueError as error:  # accelerate's word on launcher variables that do not fit together
         raise UsageError(f"cannot form the process group: {error}") from None
+    if tracker_note is not None:
+        accelerator.print(tracker_note)
     declared = launcher_world_size()
     # accelerate's MULTI_CPU launcher without mpirun starts one process and sets
     # only MASTER_ADDR for the others it expects: no rank variable tells.
@@ -453,6 +454,7 @@ def train(
     scheduler = training.scheduler
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     unwrapped, lookahead = accelerator.unwrap_model(model), training.lookahead
+    step_log = tracking.StepLog()
     start_time, stopped_by = time.perf_counter(), None
     # Resumed from the last epoch's checkpoint, a run has no epoch left to evaluate:
     # its result is that epoch's evaluation.
@@ -464,12 +466,14 @@ def train(
         bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not accelerator.is_main_process)
         for images, labels in bar:
             loss = training_step(model, images, labels, criterion, config, accelerator)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step applies, before the scheduler moves it
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss
             progress.position += 1
             progress.step += 1
+            step_log.record(progress.step, loss, lr)
             if lookahead is not None:
                 lookahead.after_step(progress.step)
             if tracer is not None:
@@ -479,6 +483,7 @@ def train(
             epoch_done = progress.position == len(sampler)
             periodic = config.checkpoint_every and progress.step % config.checkpoint_every == 0
             if not epoch_done and (stopping or periodic):
+                step_log.flush(accelerator)
                 save_checkpoint(training, progress, loss_sum)
             if stopping:
                 break
@@ -503,15 +508,17 @@ def train(
             "eval_s": time.perf_counter() - epoch_start - train_seconds,
             "elapsed_s": time.perf_counter() - start_time,
         }
+        step_log.flush(accelerator)  # after the timings: writing to the tracker is neither training nor evaluation
         if accelerator.is_main_process:
             metrics.append(record)
-        accelerator.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
         accelerator.print(
             f"epoch {epoch + 1}/{config.epochs}  step {progress.step}  train loss {train_loss:.4f}  "
             f"test acc {result['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s"
         )
         if progress.position < len(sampler):
             break  # stopped by --max-steps inside the epoch: its checkpoint is already written
+        # Only a whole epoch's record goes to the tracker: a resumed run would not log this partial one again.
+        accelerator.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
         progress.records.append(record)
         progress.epoch, progress.position = epoch + 1, 0
         loss_sum.zero_()
@@ -620,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         write_config(run_dir, config)
         if progress.step == 0:
             metrics.rewrite([])
-    accelerator.init_trackers("tensorboard")
+    tracking.init_trackers(accelerator, run_dir, progress.step)
     accelerator.wait_for_everyone()
 
     # SIGTERM (a scheduler's preemption) and SIGINT stop the run after its current step, with a checkpoint.

@@ -161,6 +161,12 @@ class TrainConfig:
     resume: str | None = _field(
         None, "latest (error if none), auto (resume if a checkpoint exists, else start), or a checkpoint folder"
     )
+    log_with: Literal["tensorboard", "wandb", "mlflow", "aim", "none"] = _field(
+        "tensorboard",
+        "experiment tracker for per-step loss and learning rate and per-epoch metrics, through accelerate; "
+        "tensorboard writes <run>/tensorboard/ and is skipped with a note when not installed, another that is "
+        "not installed is an error; none: metrics.jsonl only",
+    )
 
 
 # Keys that may differ between a run and its resumption, or between two
@@ -176,6 +182,7 @@ RUN_CONTROL_KEYS = frozenset(
         "keep_checkpoints",
         "num_workers",
         "data_dir",
+        "log_with",
     }
 )
 

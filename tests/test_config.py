@@ -15,6 +15,7 @@ def test_yaml_fills_and_flags_override(tmp_path):
     config = parse_config(["--config", str(path), "--epochs", "4", "--no-overwrite"])
     assert (config.epochs, config.lr, config.overwrite, config.model_seed) == (4, 5e-4, False, 7)
     assert parse_config(["--model-seed", "none"]).model_seed is None
+    assert parse_config(["--log-with", "none"]).log_with == "none"  # a choice of its own, not an empty value
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,7 @@ def test_yaml_fills_and_flags_override(tmp_path):
         ("epochs: true\n", "'epochs' must be int"),
         ("batch_size: 12.5\n", "'batch_size' must be int"),
         ("model: vgg\n", "'model' must be one of"),
+        ("log_with: comet_ml\n", "'log_with' must be one of tensorboard, wandb, mlflow, aim, none"),
         ("- a list\n", "must hold a mapping"),
         ("epochs: '1\n", "is not valid YAML"),
         ("seed: null\n", "'seed' cannot be empty"),
@@ -44,7 +46,7 @@ def test_defaults_fit_a_gpu():
 
 def test_run_control_keys_do_not_make_a_different_run():
     base = parse_config([])
-    previous = {**vars(base), "num_workers": 7, "resume": "auto", "max_steps": 3}
+    previous = {**vars(base), "num_workers": 7, "resume": "auto", "max_steps": 3, "log_with": "wandb"}
     assert config_differences(previous, base) == []
     assert config_differences({**vars(base), "lr": 1.0}, base) == [f"lr: 1.0 -> {base.lr!r}"]
 

@@ -11,6 +11,7 @@ import psutil
 import pytest
 from conftest import REPO, TINY, clean_env, free_port, read_manifest, read_metrics
 from test_resume import assert_same_run, wait_for_checkpoint
+from test_trackers import logged_scalars
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CPU_GLOO = str(REPO / "configs" / "accelerate" / "cpu_gloo.yaml")
@@ -132,3 +133,13 @@ def test_multi_cpu_launch_without_mpirun_stops_instead_of_training_alone(tmp_pat
     assert result.returncode != 0
     assert "asked for several processes but started one" in result.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_two_processes_log_each_step_once_as_the_mean_over_processes(two_process_run):
+    scalars = logged_scalars(two_process_run)
+    assert [step for step, _ in scalars["step/train_loss"]] == list(range(1, 17))
+    # An epoch's train_loss is the mean over processes of their summed step losses: the mean
+    # of the logged per-step losses, up to float32 rounding, if they too are means over processes.
+    losses = [loss for _, loss in scalars["step/train_loss"]]
+    for epoch, (_, train_loss) in enumerate(scalars["train_loss"]):
+        assert sum(losses[epoch * 8 : (epoch + 1) * 8]) / 8 == pytest.approx(train_loss, rel=1e-5)
