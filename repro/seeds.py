@@ -21,16 +21,19 @@ Every stream a run draws from, in one table. :class:`SeedPlan` derives each;
 the code names a stream by its constant ``<NAME>_STREAM`` (``ORDER_STREAM``,
 ``TRAIN_LOADER_STREAM``, ...), never by a literal, and :data:`STREAMS` lists them.
 
-| stream         | indices            | same on every rank? | drives                                         |
-|----------------|--------------------|---------------------|------------------------------------------------|
-| ``model``      | none               | yes                 | weight initialisation                          |
-| ``whitening``  | none               | yes                 | the images a data-dependent init is computed on |
-| ``order``      | epoch              | yes                 | the global permutation of the training set     |
-| ``aug``        | epoch (then mix64) | yes                 | each sample's augmentation                     |
-| ``runtime``    | rank               | no                  | the global generators (dropout) of the step    |
-| ``worker``     | rank, worker id    | no                  | the global generators of a DataLoader worker   |
-| ``train_loader`` | rank             | no                  | the training DataLoader's ``generator``        |
-| ``test_loader``  | rank             | no                  | the evaluation DataLoader's ``generator``      |
+| stream           | indices            | same on every rank? | drives                                          |
+|------------------|--------------------|---------------------|-------------------------------------------------|
+| ``model``        | none               | yes                 | weight initialisation                           |
+| ``whitening``    | none               | yes                 | the images a data-dependent init is computed on |
+| ``order``        | epoch              | yes                 | the global permutation of the training set      |
+| ``aug``          | epoch (then mix64) | yes                 | each sample's augmentation                      |
+| ``runtime``      | rank               | no                  | the global generators (dropout) of the step     |
+| ``worker``       | rank, worker id    | no                  | the global generators of a DataLoader worker    |
+| ``train_loader`` | rank               | no                  | the training DataLoader's ``generator``         |
+| ``test_loader``  | rank               | no                  | the evaluation DataLoader's ``generator``       |
+
+The two loader streams are the names train.py gives its DataLoaders' generators;
+:meth:`SeedPlan.generator` takes any name.
 
 ``model_seed``, ``order_seed`` and ``aug_seed`` of :class:`SeedPlan` replace
 the user seed for the model and whitening, order and aug streams; every other
