@@ -66,10 +66,10 @@ from repro.augment import SeededAugmentation
 from repro.determinism import configure_determinism
 from repro.distributed import get_rank, launcher_world_size
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
-from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
+from repro.loader import GlobalBatchSampler, WorkerSeeder
 from repro.rng import capture_rng_state, restore_rng_state
 from repro.seeding import seed_everything
-from repro.seeds import SeedPlan
+from repro.seeds import TEST_LOADER_STREAM, TRAIN_LOADER_STREAM, SeedPlan
 from repro.stop import GracefulStop
 from repro.trace import StepTracer
 from repro.weights import state_dict_sha256
@@ -133,8 +133,7 @@ def build_loaders(
     """The training batches draw their order and augmentation from the seed plan alone;
     the test batches are this rank's share of the test set, each image once."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    order_seed = config.seed if config.order_seed is None else config.order_seed
-    sampler = GlobalBatchSampler(len(splits.train), config.batch_size, order_seed, rank=rank, world_size=world_size)
+    sampler = GlobalBatchSampler(len(splits.train), config.batch_size, seeds, rank=rank, world_size=world_size)
     if config.data_pipeline == "device":
         device, stats = accelerator.device, (splits.mean, splits.std)
         train_batches = DeviceTrainBatches(
@@ -156,10 +155,10 @@ def build_loaders(
         "num_workers": config.num_workers,
         "pin_memory": accelerator.device.type == "cuda",
         "persistent_workers": config.num_workers > 0,
-        "worker_init_fn": WorkerSeeder(config.seed, rank),
+        "worker_init_fn": WorkerSeeder(seeds, rank),
     }
     train_loader = DataLoader(
-        train_set, batch_sampler=sampler, generator=make_generator(config.seed, "train_loader", rank), **common
+        train_set, batch_sampler=sampler, generator=seeds.generator(TRAIN_LOADER_STREAM, rank), **common
     )
     test_shard = evaluation_shard(len(splits.test), rank, world_size)
     test_set = Subset(Transformed(splits.test, test_transform(splits)), test_shard)
@@ -167,7 +166,7 @@ def build_loaders(
         test_set,
         batch_size=config.batch_size // world_size,
         shuffle=False,
-        generator=make_generator(config.seed, "test_loader", rank),
+        generator=seeds.generator(TEST_LOADER_STREAM, rank),
         **common,
     )
     return train_loader, sampler, test_loader
@@ -601,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     determinism = configure_determinism(config.determinism)
     accelerator = setup_distributed(config, run_dir_of(config))
     seeds = SeedPlan(config.seed, config.model_seed, config.order_seed, config.aug_seed)
-    seed_everything(config.seed, accelerator.process_index)
+    seed_everything(seeds, accelerator.process_index)
 
     run_dir = prepare_run_dir(config, accelerator)
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))

@@ -51,7 +51,7 @@ from cifar.data import TRAIN_TRANSFORM_GENERATORS, Splits, Transformed, syntheti
 from cifar.models import build_model
 from repro.augment import GENERATORS, SeededAugmentation, seed_sample_generators
 from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
-from repro.seeds import SeedPlan
+from repro.seeds import TRAIN_LOADER_STREAM, SeedPlan
 
 SEED = 2333
 
@@ -97,14 +97,15 @@ def seeded_loader(
     splits: Splits, batch_size: int, workers: int, *, generators: tuple[str, ...] = TRAIN_TRANSFORM_GENERATORS
 ) -> DataLoader:
     """The training loader as train.py builds it, for one process."""
-    dataset = SeededAugmentation(splits.train, train_transform(splits, cutout=0), SeedPlan(SEED), generators=generators)
+    plan = SeedPlan(SEED)
+    dataset = SeededAugmentation(splits.train, train_transform(splits, cutout=0), plan, generators=generators)
     return DataLoader(
         dataset,
-        batch_sampler=GlobalBatchSampler(len(dataset), batch_size, SEED),
+        batch_sampler=GlobalBatchSampler(len(dataset), batch_size, plan),
         num_workers=workers,
         persistent_workers=workers > 0,
-        worker_init_fn=WorkerSeeder(SEED),
-        generator=make_generator(SEED, "train_loader", 0),
+        worker_init_fn=WorkerSeeder(plan),
+        generator=plan.generator(TRAIN_LOADER_STREAM),
     )
 
 
@@ -118,7 +119,7 @@ def plain_loader(splits: Splits, batch_size: int, workers: int) -> DataLoader:
         num_workers=workers,
         persistent_workers=workers > 0,
         worker_init_fn=WorkerSeeder(SEED),
-        generator=make_generator(SEED, "train_loader", 0),
+        generator=make_generator(SEED, TRAIN_LOADER_STREAM, 0),
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from cifar.models import model_names
-from repro.seeds import MAX_USER_SEED
+from repro.seeds import check_seed
 
 
 class ConfigError(ValueError):
@@ -368,8 +368,11 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{name} must be a finite number, got {value}")
     for name in ("seed", "model_seed", "order_seed", "aug_seed"):
         value = getattr(config, name)
-        if value is not None and not 0 <= value <= MAX_USER_SEED:
-            raise ConfigError(f"{name} must be in [0, {MAX_USER_SEED}], got {_short(value)}")
+        if value is not None:
+            try:
+                check_seed(value, name)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
     positive = ("epochs", "batch_size", "synthetic_train_size", "synthetic_test_size")
     for name in positive:
         if getattr(config, name) < 1:

@@ -14,10 +14,25 @@ Three traps this module avoids:
   epoch 0 or skip batches. :class:`GlobalBatchSampler` yields ``(epoch,
   index)`` keys from a permutation that depends only on (order seed, epoch),
   starts at any batch, and reports its position.
+
+Each takes the run's :class:`repro.seeds.SeedPlan`, or a plain int seed, which
+behaves exactly as ``SeedPlan(seed)``; :meth:`repro.seeds.SeedPlan.generator`
+is the plan's :func:`make_generator`.
+
+With accelerate, do not pass a DataLoader built on :class:`GlobalBatchSampler`
+to ``accelerator.prepare``: the sampler already yields this rank's share of
+each global batch, and accelerate's ``BatchSamplerShard`` would shard it a
+second time and, with 2 or more processes, yield no batch at all (measured:
+0 samples per rank, no error, accelerate 1.15). Build the sampler with
+``rank=accelerator.process_index, world_size=accelerator.num_processes``,
+prepare only the model and optimizer, and move each batch to
+``accelerator.device`` yourself. A sampler that accelerate shards raises
+``RuntimeError`` saying so when its first batch is drawn.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +40,7 @@ import numpy as np
 import torch
 
 from repro.seeding import seed_generators
-from repro.seeds import check_seed, derive_seed
+from repro.seeds import SeedPlan, derive_seed
 
 SampleKey = tuple[int, int]
 """``(epoch, sample index)``: what a sample's augmentation depends on."""
@@ -33,29 +48,40 @@ SampleKey = tuple[int, int]
 
 class WorkerSeeder:
     """A picklable ``worker_init_fn`` that seeds ``random``, NumPy and torch in
-    each DataLoader worker from ``derive_seed(seed, "worker", rank, worker_id)``.
+    each DataLoader worker from ``plan.worker(rank, worker_id)``.
 
+    What it sets: the global generators of the worker process it runs in. When:
+    pass it as ``worker_init_fn=`` to every DataLoader with workers. Why:
+    workers forked from one process share its ``random`` and NumPy state, and
+    workers of different ranks would share streams unless the rank is mixed in.
     Worker streams differ across workers and ranks and repeat across runs. They
     drive only what user code draws in a worker outside
     :class:`repro.augment.SeededAugmentation`; the augmentation of a sample does
     not depend on which worker loads it.
+
+    Args:
+        plan: the run's :class:`repro.seeds.SeedPlan`, or a plain user seed.
+        rank: this process's global rank.
     """
 
-    def __init__(self, seed: int, rank: int = 0) -> None:
-        self.seed = check_seed(seed)
+    def __init__(self, plan: SeedPlan | int, rank: int = 0) -> None:
+        self.plan = SeedPlan.of(plan)
         if rank < 0:
             raise ValueError(f"rank must be non-negative, got {rank}")
         self.rank = rank
 
     def __call__(self, worker_id: int) -> None:
-        seed_generators(derive_seed(self.seed, "worker", self.rank, worker_id))
+        seed_generators(self.plan.worker(self.rank, worker_id))
 
 
 def make_generator(seed: int, stream: str, *indices: int) -> torch.Generator:
     """Return a CPU ``torch.Generator`` seeded from ``derive_seed(seed, stream, *indices)``.
 
-    Give one to every DataLoader (``generator=``), training and evaluation, so
-    that creating a loader's iterator never draws from the global generator.
+    The plain-int helper: ``make_generator(seed, name, rank)`` equals
+    ``SeedPlan(seed).generator(name, rank)``, which is what a run holding a plan
+    should call. Give one to every DataLoader (``generator=``), training and
+    evaluation, so that creating a loader's iterator never draws from the
+    global generator.
     """
     generator = torch.Generator()
     generator.manual_seed(derive_seed(seed, stream, *indices))
@@ -66,7 +92,8 @@ class GlobalBatchSampler:
     """Yield this rank's share of each global batch of a seeded permutation.
 
     Epoch ``e``'s order is ``torch.randperm(num_samples)`` drawn from a generator
-    seeded with ``derive_seed(seed, "order", e)``, identical on every rank.
+    seeded with ``plan.order(e)`` (the order stream of the plan, or of
+    ``SeedPlan(seed)`` for a plain int), identical on every rank.
     Global batch ``t`` is ``order[t*B:(t+1)*B]`` for the global batch size ``B``;
     rank ``r`` of ``W`` takes the ``r``-th of its ``W`` equal slices. So the set of
     samples in global step ``t`` is the same for any world size, and a position
@@ -80,13 +107,17 @@ class GlobalBatchSampler:
     Each element yielded is a list of ``(epoch, index)`` keys. The keys carry
     the epoch to the dataset, so persistent workers, which keep their own copy
     of the dataset, still see the right epoch.
+
+    It shards by itself: do not let accelerate shard it again. Leave its
+    DataLoader out of ``accelerator.prepare`` (see the module's docstring);
+    iterating it under accelerate's ``BatchSamplerShard`` raises ``RuntimeError``.
     """
 
     def __init__(
         self,
         num_samples: int,
         batch_size: int,
-        seed: int,
+        seed: SeedPlan | int,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -105,7 +136,8 @@ class GlobalBatchSampler:
             raise ValueError(f"global batch size {batch_size} exceeds the {num_samples} samples with drop_last")
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.seed = check_seed(seed)
+        self.plan = SeedPlan.of(seed)
+        self.seed = self.plan.order_base  # what the state_dict records: the order stream's seed
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
@@ -135,7 +167,7 @@ class GlobalBatchSampler:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """Return the global order of sample indices in ``epoch``, padded as documented."""
         if self.shuffle:
-            generator = make_generator(self.seed, "order", epoch)
+            generator = torch.Generator().manual_seed(self.plan.order(epoch))
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
@@ -145,6 +177,7 @@ class GlobalBatchSampler:
         return torch.cat([order, order[:padding]])
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
+        _refuse_second_sharding(sys._getframe(1))
         for indices in self.index_batches():
             yield [(self.epoch, index) for index in indices.tolist()]
 
@@ -194,3 +227,20 @@ class GlobalBatchSampler:
             if state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
         self.set_epoch(int(state["epoch"]), int(state["position"]))
+
+
+def _refuse_second_sharding(caller: Any) -> None:
+    """Raise ``RuntimeError`` if ``caller``, the frame drawing the first batch, is accelerate's
+    ``BatchSamplerShard``: it would shard the already sharded batches again, and with
+    2 or more processes it yields none (it waits for batches of the global size)."""
+    shard_module = sys.modules.get("accelerate.data_loader")
+    if shard_module is None or caller is None:
+        return
+    drawer = caller.f_locals.get("self")
+    if isinstance(drawer, shard_module.BatchSamplerShard):
+        raise RuntimeError(
+            "accelerate is sharding a GlobalBatchSampler that already yields this rank's share of each "
+            f"global batch (it would train on nothing with {drawer.num_processes} processes): do not pass "
+            "its DataLoader to accelerator.prepare; build GlobalBatchSampler(..., rank=accelerator.process_index, "
+            "world_size=accelerator.num_processes) and move each batch to accelerator.device yourself"
+        )

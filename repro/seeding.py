@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from repro.distributed import get_rank
-from repro.seeds import MAX_USER_SEED, check_seed, derive_seed, mix64
+from repro.seeds import MAX_USER_SEED, SeedPlan, mix64
 
 _MAX_DERIVED_SEED = 2**64 - 1
 
@@ -46,29 +46,30 @@ def library_seeds(value: int) -> tuple[int, list[int], int]:
     return mix64(value, 0), [numpy_seed & MAX_USER_SEED, numpy_seed >> 32], value
 
 
-def seed_everything(seed: int, rank: int | None = None) -> dict[str, int]:
-    """Seed every global generator of this process from the user ``seed``.
+def seed_everything(plan: SeedPlan | int, rank: int | None = None) -> dict[str, int]:
+    """Seed every global generator of this process from the run's seed plan.
 
     What it sets: ``random``, NumPy's global state, torch's CPU generator and
-    each CUDA device's, all from the runtime stream ``derive_seed(seed,
-    "runtime", rank)``, so that ranks draw different dropout masks while seed
-    2333 at rank 1 never equals seed 2334 at rank 0.
+    each CUDA device's, all from the runtime stream ``plan.runtime(rank)``, so
+    that ranks draw different dropout masks while seed 2333 at rank 1 never
+    equals seed 2334 at rank 0.
 
     When: once, at start-up, before the model or any random tensor is created;
     a model built afterwards should take its weights from the ``model`` stream
-    (see :class:`repro.seeds.SeedPlan`), identical on every rank.
+    (``plan.model()``), identical on every rank.
 
     Args:
-        seed: the user seed, an integer in [0, 2**32 - 1]; anything else raises
-            ``ValueError`` that states the valid range.
+        plan: the run's :class:`repro.seeds.SeedPlan`, or a plain user seed (an
+            integer in [0, 2**32 - 1]), which seeds exactly as ``SeedPlan(seed)``
+            would; anything else raises ``ValueError`` that states the valid range.
         rank: the global rank; detected with :func:`repro.distributed.get_rank`
             when ``None``.
 
     Returns:
-        ``{"seed": seed, "rank": rank, "runtime_seed": value}``: what was set.
+        ``{"seed": user seed, "rank": rank, "runtime_seed": value}``: what was set.
     """
-    seed = check_seed(seed)
+    plan = SeedPlan.of(plan)
     rank = get_rank() if rank is None else rank
-    runtime_seed = derive_seed(seed, "runtime", rank)
+    runtime_seed = plan.runtime(rank)
     seed_generators(runtime_seed)
-    return {"seed": seed, "rank": rank, "runtime_seed": runtime_seed}
+    return {"seed": plan.seed, "rank": rank, "runtime_seed": runtime_seed}

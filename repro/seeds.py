@@ -16,30 +16,82 @@ For per-sample streams, where 6 µs of ``SeedSequence`` per sample is too much,
 :func:`mix64` combines a per-epoch key (from :func:`derive_seed`) with the
 sample index through the SplitMix64 finaliser: a bijection of the index for a
 fixed key, so no two samples of an epoch share a seed.
+
+Every stream a run draws from, in one table. :class:`SeedPlan` derives each;
+the code names a stream by its constant ``<NAME>_STREAM`` (``ORDER_STREAM``,
+``TRAIN_LOADER_STREAM``, ...), never by a literal, and :data:`STREAMS` lists them.
+
+| stream           | indices            | same on every rank? | drives                                          |
+|------------------|--------------------|---------------------|-------------------------------------------------|
+| ``model``        | none               | yes                 | weight initialisation                           |
+| ``whitening``    | none               | yes                 | the images a data-dependent init is computed on |
+| ``order``        | epoch              | yes                 | the global permutation of the training set      |
+| ``aug``          | epoch (then mix64) | yes                 | each sample's augmentation                      |
+| ``runtime``      | rank               | no                  | the global generators (dropout) of the step     |
+| ``worker``       | rank, worker id    | no                  | the global generators of a DataLoader worker    |
+| ``train_loader`` | rank               | no                  | the training DataLoader's ``generator``         |
+| ``test_loader``  | rank               | no                  | the evaluation DataLoader's ``generator``       |
+
+The two loader streams are the names train.py gives its DataLoaders' generators;
+:meth:`SeedPlan.generator` takes any name.
+
+``model_seed``, ``order_seed`` and ``aug_seed`` of :class:`SeedPlan` replace
+the user seed for the model and whitening, order and aug streams; every other
+stream derives from the user seed.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+import reprlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_USER_SEED = 2**32 - 1
 _MASK64 = 2**64 - 1
+
+MODEL_STREAM = "model"
+WHITENING_STREAM = "whitening"
+ORDER_STREAM = "order"
+AUG_STREAM = "aug"
+RUNTIME_STREAM = "runtime"
+WORKER_STREAM = "worker"
+TRAIN_LOADER_STREAM = "train_loader"
+TEST_LOADER_STREAM = "test_loader"
+STREAMS = (
+    MODEL_STREAM,
+    WHITENING_STREAM,
+    ORDER_STREAM,
+    AUG_STREAM,
+    RUNTIME_STREAM,
+    WORKER_STREAM,
+    TRAIN_LOADER_STREAM,
+    TEST_LOADER_STREAM,
+)
+"""Every stream the project derives, as in the module's table."""
+
+_SHORT_INT = reprlib.Repr()
+_SHORT_INT.maxlong = 40
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
     """Return ``seed`` if it is an integer in [0, 2**32 - 1], else raise ``ValueError``.
 
-    ``bool`` is rejected although it is an ``int`` subclass: ``seed=True`` is
-    always a mistake.
+    The one check of a user seed's range: the library's entry points and the
+    pipeline's config both call it. ``bool`` is rejected although it is an
+    ``int`` subclass: ``seed=True`` is always a mistake. The message is one line
+    and echoes at most about 40 digits of the refused value.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer in [0, {MAX_USER_SEED}], got {seed!r}")
+        raise ValueError(f"{name} must be an integer in [0, {MAX_USER_SEED}], got {_SHORT_INT.repr(seed)}")
     if not 0 <= int(seed) <= MAX_USER_SEED:
-        raise ValueError(f"{name} must be in [0, {MAX_USER_SEED}], got {seed}")
+        raise ValueError(f"{name} must be in [0, {MAX_USER_SEED}], got {_SHORT_INT.repr(int(seed))}")
     return int(seed)
 
 
@@ -121,25 +173,26 @@ def mix64_array(keys: int | np.ndarray, indices: int | np.ndarray) -> np.ndarray
 class SeedPlan:
     """The named streams of one run, derived from one user seed.
 
-    ``model_seed``, ``order_seed`` and ``aug_seed`` replace the user seed for
-    one stream alone, so that a study can vary the weight initialisation, the
-    data order or the augmentation independently. An override ``X`` gives that
-    stream exactly as a run with ``seed=X`` would have it.
+    The one object that carries the seed: give it to every component
+    (:func:`repro.seeding.seed_everything`, :class:`repro.loader.GlobalBatchSampler`,
+    :class:`repro.loader.WorkerSeeder`, :meth:`generator` for each DataLoader,
+    :class:`repro.augment.SeededAugmentation`) and write :meth:`as_dict` into the
+    run's record, so that what is recorded is what was used. The streams are
+    listed in this module's table.
 
-    | stream  | indices               | same on every rank? |
-    |---------|-----------------------|---------------------|
-    | model   | none                  | yes                 |
-    | whitening | none                | yes                 |
-    | order   | epoch                 | yes                 |
-    | aug     | epoch, sample index   | yes                 |
-    | runtime | rank                  | no                  |
-    | worker  | rank, worker id       | no                  |
+    ``model_seed``, ``order_seed`` and ``aug_seed`` replace the user seed for
+    one stream alone (``model_seed`` also for ``whitening``), so that a study
+    can vary the weight initialisation, the data order or the augmentation
+    independently. An override ``X`` gives that stream exactly as a run with
+    ``seed=X`` would have it.
     """
 
     seed: int
     model_seed: int | None = None
     order_seed: int | None = None
     aug_seed: int | None = None
+    # The seeds of the loader generators made by generator(), for as_dict: a record, not part of the plan.
+    _loader_seeds: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
@@ -148,25 +201,39 @@ class SeedPlan:
             if value is not None:
                 check_seed(value, name)
 
+    @classmethod
+    def of(cls, seed: SeedPlan | int) -> SeedPlan:
+        """Return ``seed`` itself if it is a plan, else the plan of the plain user seed ``seed``.
+
+        For the components that accept either: a plain int ``n`` behaves
+        exactly as ``SeedPlan(n)``. Raises ``ValueError`` for anything else.
+        """
+        return seed if isinstance(seed, SeedPlan) else cls(check_seed(seed))
+
     def _base(self, override: int | None) -> int:
         return self.seed if override is None else override
 
+    @property
+    def order_base(self) -> int:
+        """The seed the order stream derives from: ``order_seed`` if set, else ``seed``."""
+        return self._base(self.order_seed)
+
     def model(self) -> int:
         """Seed for weight initialisation; identical on every rank."""
-        return derive_seed(self._base(self.model_seed), "model")
+        return derive_seed(self._base(self.model_seed), MODEL_STREAM)
 
     def whitening(self) -> int:
         """Seed of the choice of training images a data-dependent initialisation (such as
         a whitening layer) is computed from; identical on every rank, varied by ``model_seed``."""
-        return derive_seed(self._base(self.model_seed), "whitening")
+        return derive_seed(self._base(self.model_seed), WHITENING_STREAM)
 
     def order(self, epoch: int) -> int:
         """Seed of the global permutation of the training set in ``epoch``."""
-        return derive_seed(self._base(self.order_seed), "order", epoch)
+        return derive_seed(self.order_base, ORDER_STREAM, epoch)
 
     def aug_epoch_key(self, epoch: int) -> int:
         """Per-epoch key of the augmentation stream; see :meth:`aug`."""
-        return derive_seed(self._base(self.aug_seed), "aug", epoch)
+        return derive_seed(self._base(self.aug_seed), AUG_STREAM, epoch)
 
     def aug(self, epoch: int, index: int) -> int:
         """Seed of the augmentation of sample ``index`` in ``epoch``."""
@@ -178,21 +245,52 @@ class SeedPlan:
 
     def runtime(self, rank: int) -> int:
         """Seed of the randomness inside the training step (dropout) on ``rank``."""
-        return derive_seed(self.seed, "runtime", rank)
+        return derive_seed(self.seed, RUNTIME_STREAM, rank)
 
     def worker(self, rank: int, worker_id: int) -> int:
         """Seed of DataLoader worker ``worker_id`` on ``rank``."""
-        return derive_seed(self.seed, "worker", rank, worker_id)
+        return derive_seed(self.seed, WORKER_STREAM, rank, worker_id)
+
+    def loader(self, name: str, rank: int = 0) -> int:
+        """Seed of the generator of the DataLoader ``name`` (such as ``"train_loader"``) on ``rank``."""
+        return derive_seed(self.seed, name, rank)
+
+    def generator(self, name: str, rank: int = 0) -> torch.Generator:
+        """Return a CPU ``torch.Generator`` seeded with :meth:`loader` ``(name, rank)``.
+
+        What it sets: nothing global; the generator is new. When: for each
+        DataLoader, as its ``generator=``, training and evaluation alike. Why: a
+        DataLoader without one draws its workers' base seed from the global torch
+        generator each time an iterator is created, so creating an evaluation
+        loader would shift the training stream. Name each loader differently;
+        the project's names are ``TRAIN_LOADER_STREAM`` and ``TEST_LOADER_STREAM``.
+        """
+        import torch  # here, not at the top: deriving seeds needs NumPy only, and config parsing imports this module
+
+        seed = self.loader(name, rank)
+        self._loader_seeds[f"{name}_rank{rank}"] = seed
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        return generator
 
     def as_dict(self, rank: int = 0) -> dict[str, int | None]:
-        """The user seeds and a few derived seeds, for the run's manifest."""
+        """The user seeds and the derived seeds a run on ``rank`` starts from, for its manifest.
+
+        Each value comes from the method the components call: ``runtime_rank{rank}``
+        is what :func:`repro.seeding.seed_everything` sets, ``order_epoch0`` what
+        the sampler permutes epoch 0 with, and ``{name}_rank{r}`` the seed of
+        each generator this plan has made with :meth:`generator` (so call it
+        after building the loaders: it lists exactly those they use).
+        """
         return {
             "seed": self.seed,
             "model_seed": self.model_seed,
             "order_seed": self.order_seed,
             "aug_seed": self.aug_seed,
             "model": self.model(),
+            "whitening": self.whitening(),
             "order_epoch0": self.order(0),
             "aug_epoch0_key": self.aug_epoch_key(0),
             f"runtime_rank{rank}": self.runtime(rank),
+            **self._loader_seeds,
         }

@@ -37,7 +37,7 @@ def splits():
 
 def train_batches(splits, seeds=None, cutout=8, rank=0, world_size=1, batch_size=32):
     seeds = seeds or SeedPlan(2333)
-    sampler = GlobalBatchSampler(len(splits.train), batch_size, seeds.seed, rank=rank, world_size=world_size)
+    sampler = GlobalBatchSampler(len(splits.train), batch_size, seeds, rank=rank, world_size=world_size)
     return DeviceTrainBatches(splits.train, sampler, seeds, splits.mean, splits.std, cutout, CPU)
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, read_manifest
 
+import repro.seeds
+from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
 from repro.seeding import seed_everything, seed_generators
-from repro.seeds import SeedPlan, derive_seed, mix64, mix64_array
+from repro.seeds import STREAMS, SeedPlan, derive_seed, mix64, mix64_array
 
 
 def test_derivation_is_stable_across_processes_and_versions():
@@ -112,3 +117,69 @@ def test_mix64_array_equals_mix64_element_by_element():
 def test_mix64_array_refuses_negative_or_fractional_indices(bad):
     with pytest.raises(ValueError, match="indices must be"):
         mix64_array(1, bad)
+
+
+def test_the_plan_and_the_plain_int_seed_exactly_as_before():
+    """The numbers the int entry points gave before the plan carried the seed (pinned),
+    through both entry points: the weights of every run stay bitwise what they were."""
+    plan = SeedPlan(2333, order_seed=7)
+    for seed in (plan, 2333):
+        assert seed_everything(seed, rank=1)["runtime_seed"] == 5326005882459196407
+        assert torch.rand(2).tolist() == [0.08759498596191406, 0.4397849440574646]
+        WorkerSeeder(seed, rank=1)(3)
+        assert random.random() == 0.11319070764506256
+    assert plan.worker(1, 3) == 4616214406468206064
+    for generator in (plan.generator("train_loader", 1), make_generator(2333, "train_loader", 1)):
+        assert generator.initial_seed() == 11262519514528475884
+    for generator in (plan.generator("test_loader", 0), make_generator(2333, "test_loader", 0)):
+        assert torch.rand(2, generator=generator).tolist() == [0.8566357493400574, 0.479353666305542]
+    for order_seed in (plan, 7):  # the plan's order_seed override is the order stream's seed
+        sampler = GlobalBatchSampler(100, 10, order_seed, rank=1, world_size=2)
+        assert sampler.epoch_order(0)[:6].tolist() == [73, 93, 46, 90, 0, 47]
+        assert next(iter(sampler)) == [(0, 47), (0, 43), (0, 78), (0, 5), (0, 72)]
+        assert sampler.state_dict(0)["seed"] == 7
+
+
+def _stream_arguments(tree: ast.AST) -> list[ast.expr]:
+    """The stream argument of each derive_seed / make_generator / .generator / .loader call."""
+    found = []
+    for call in ast.walk(tree):
+        if not isinstance(call, ast.Call):
+            continue
+        name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
+        position = {"derive_seed": 1, "make_generator": 1, "generator": 0, "loader": 0}.get(name)
+        if position is not None and len(call.args) > position:
+            found.append(call.args[position])
+    return found
+
+
+def test_every_stream_is_named_once_and_listed_in_the_table():
+    sources = [*sorted((REPO / "repro").glob("*.py")), *sorted((REPO / "cifar").glob("*.py")), REPO / "train.py"]
+    literals = [
+        f"{path.name}:{argument.lineno}: {argument.value!r}"
+        for path in sources
+        for argument in _stream_arguments(ast.parse(path.read_text()))
+        if isinstance(argument, ast.Constant) and isinstance(argument.value, str)
+    ]
+    assert literals == [], "stream names must come from repro.seeds' constants"
+    table = [line.split("|")[1].strip().strip("`") for line in repro.seeds.__doc__.splitlines() if line[:3] == "| `"]
+    assert table == list(STREAMS)
+    assert all(getattr(repro.seeds, f"{stream.upper()}_STREAM") == stream for stream in STREAMS)
+
+
+def test_the_manifest_records_the_seeds_the_components_used(reference_run: Path):
+    manifest = read_manifest(reference_run)
+    recorded, config = manifest["seeds"], manifest["config"]
+    plan = SeedPlan(config["seed"], config["model_seed"], config["order_seed"], config["aug_seed"])
+    assert recorded["runtime_rank0"] == seed_everything(plan, rank=0)["runtime_seed"]
+    used = {
+        "train_loader_rank0": plan.generator("train_loader", 0),
+        "test_loader_rank0": plan.generator("test_loader", 0),
+    }
+    assert {name: recorded.get(name) for name in used} == {name: g.initial_seed() for name, g in used.items()}
+    sampler = GlobalBatchSampler(config["synthetic_train_size"], config["batch_size"], plan)
+    order = torch.randperm(
+        config["synthetic_train_size"], generator=torch.Generator().manual_seed(recorded["order_epoch0"])
+    )
+    assert torch.equal(sampler.epoch_order(0), order[: len(sampler) * config["batch_size"]])
+    assert recorded == plan.as_dict(0)
