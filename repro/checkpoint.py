@@ -56,7 +56,6 @@ class Restored:
     step: int
     progress: dict[str, Any]  # the ``progress`` values saved with it
     rank_progress: dict[str, Any] | None  # this rank's ``rank_progress``; None: no file for this rank
-    checkpoint: Checkpoint
 
 
 def _distributed() -> bool:
@@ -244,7 +243,7 @@ class Checkpointer:
             restore_rng_state(rank_state["rng"])
         progress = {key: value for key, value in found.state.items() if key not in fmt.RESERVED_KEYS}
         rank_progress = None if rank_state is None else {k: v for k, v in rank_state.items() if k != "rng"}
-        return Restored(found.path, found.step, progress, rank_progress, found)
+        return Restored(found.path, found.step, progress, rank_progress)
 
 
 def _check_names(values: Mapping[str, Any], reserved: frozenset[str] | set[str], what: str) -> None:
