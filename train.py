@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -63,11 +63,12 @@ from cifar.plots import plot_curves
 from cifar.tta import tta_logits
 from repro.audit import audit_model
 from repro.augment import SeededAugmentation
+from repro.checkpoint import Checkpoint, Checkpointer, CheckpointError
 from repro.determinism import configure_determinism
 from repro.distributed import get_rank, launcher_world_size
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.loader import GlobalBatchSampler, WorkerSeeder
-from repro.rng import capture_rng_state, restore_rng_state
+from repro.manifest import CHECKPOINTS_DIR
 from repro.seeding import seed_everything
 from repro.seeds import TEST_LOADER_STREAM, TRAIN_LOADER_STREAM, SeedPlan
 from repro.stop import GracefulStop
@@ -267,80 +268,60 @@ class Training:
     lookahead: Lookahead | None = None
 
 
-def agree_across_ranks(accelerator: Accelerator, value: object, error: str | None) -> list[object]:
-    """Gather every rank's ``value``, and raise on every rank the first ``error`` any rank had.
+def checkpoints(training: Training) -> Checkpointer:
+    """The run's checkpoints (repro/checkpoint.py): the newest --keep-checkpoints and the best."""
+    return Checkpointer(
+        training.run_dir / CHECKPOINTS_DIR,
+        training.config.keep_checkpoints,
+        best_key="test_accuracy",
+        log=lambda note: training.accelerator.print(f"resume: {note}"),
+    )
 
-    The barrier between a checkpoint's parts: a write that fails on one rank (a
-    read-only folder, a full disk) stops them all with the same one line, and no
-    rank waits forever for one that gave up.
-    """
-    gathered = gather_object([(value, error)])
-    errors = [message for _, message in gathered if message]
-    if errors:
-        raise checkpoint.CheckpointError(errors[0])
-    return [item for item, _ in gathered]
+
+def lookahead_tensors(training: Training) -> dict[str, dict[str, torch.Tensor]]:
+    return {checkpoint.LOOKAHEAD_KEY: training.lookahead.slow} if training.lookahead is not None else {}
 
 
 def save_checkpoint(
     training: Training, progress: Progress, loss_sum: torch.Tensor, test_accuracy: float | None = None
 ) -> None:
-    """Write a checkpoint atomically: every rank its RNG state, the main process the rest.
+    """Write a checkpoint atomically: every rank its RNG state and loss sum, the main process the rest.
 
     A write that fails stops every rank with a one-line CheckpointError naming the
     folder; the checkpoints written before stay as they were.
     """
-    config, run_dir, accelerator, sampler = training.config, training.run_dir, training.accelerator, training.sampler
-    staging, error = None, None
-    if accelerator.is_main_process:
-        try:
-            staging = checkpoint.new_staging(run_dir, progress.step)
-        except OSError as failure:
-            error = checkpoint.write_failure(run_dir, progress.step, failure)
-    staging, error = agree_across_ranks(accelerator, staging, error)[0], None  # the main process's folder
-    rank_state = {"rng": capture_rng_state(), "loss_sum": loss_sum.item()}
-    try:
-        checkpoint.write_rank_state(staging, accelerator.process_index, rank_state)
-    except OSError as failure:
-        error = checkpoint.write_failure(run_dir, progress.step, failure)
-    model = accelerator.unwrap_model(training.model)
-    model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    agree_across_ranks(accelerator, None, error)
-    if accelerator.is_main_process:
-        state = {
-            "step": progress.step,
+    config, accelerator, sampler = training.config, training.accelerator, training.sampler
+    checkpoints(training).save(
+        progress.step,
+        model=accelerator.unwrap_model(training.model),
+        optimizer=training.optimizer,
+        scheduler=training.scheduler,
+        sampler=sampler,
+        batches_consumed=progress.position - sampler.start_batch,
+        progress={
             "epoch": progress.epoch,
             "position": progress.position,
             "records": progress.records,
             "test_accuracy": test_accuracy,
-            "sampler": sampler.state_dict(progress.position - sampler.start_batch),
-            "scheduler": training.scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "config": config_to_dict(config),
             "environment": environment_fingerprint(accelerator.num_processes, REPO),
             "dataset_sha256": training.dataset_sha256,
-        }
-        try:
-            checkpoint.write_main(staging, model_state, optimizer_state(training), state)
-        except OSError as failure:
-            error = checkpoint.write_failure(run_dir, progress.step, failure)
-        else:
-            try:
-                checkpoint.prune(run_dir, config.keep_checkpoints)
-            except OSError as failure:
-                error = f"checkpoint step {progress.step} written, but older ones cannot be removed: {failure}"
-    agree_across_ranks(accelerator, None, error)
+        },
+        rank_progress={"loss_sum": loss_sum.item()},
+        tensors=lookahead_tensors(training),
+    )
 
 
-def open_for_resume(training: Training, path: Path) -> checkpoint.Contents:
-    """Load the checkpoint at ``path`` and check, before anything is applied, that it continues
-    this run: the same config (up to run-control keys) and data, and contents that fit this
-    model, optimizer, sampler and machine.
+def check_continues_run(training: Training, found: Checkpoint) -> None:
+    """Check, before anything is applied, that the checkpoint continues this run: the same
+    config (up to run-control keys) and data, and counters that fit this run's epochs.
 
     Raises UsageError for an intact checkpoint of another run or other data (``--resume auto``
     must not start afresh over it), CheckpointError for one that is damaged or altered.
     """
     config, accelerator = training.config, training.accelerator
-    found = checkpoint.load(path)
+    checkpoint.check_schema(found)
     changed = config_differences(found.state["config"], config)
     if changed:
         raise UsageError(f"cannot resume {found.path} with a different config: {'; '.join(changed)}")
@@ -350,63 +331,41 @@ def open_for_resume(training: Training, path: Path) -> checkpoint.Contents:
             f"{found.state['dataset_sha256'][:12]}, the {config.dataset} data loaded now "
             f"(--data-dir {config.data_dir}) has {training.dataset_sha256[:12]}"
         )
-    target = checkpoint.Target(
-        steps_per_epoch=len(training.sampler),
-        model_state=accelerator.unwrap_model(training.model).state_dict(),
-        optimizer=training.optimizer,
-        scheduler_state=training.scheduler.state_dict(),
-        sampler_state=training.sampler.state_dict(0),
-        scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        rank=accelerator.process_index,
-        lookahead_state=training.lookahead.slow if training.lookahead is not None else None,
-    )
-    return found.read(target)
-
-
-def optimizer_state(training: Training) -> dict:
-    """The optimizer's state, with the lookahead's slow weights when the run has them."""
-    state = training.optimizer.state_dict()
-    if training.lookahead is not None:
-        state = {**state, checkpoint.LOOKAHEAD_KEY: training.lookahead.state_dict()}
-    return state
+    scaler_state = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    checkpoint.check_counters(found, len(training.sampler), training.sampler.state_dict(0), scaler_state)
 
 
 def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Tensor]:
     """Restore everything from the checkpoint `--resume` names, or start afresh."""
-    config, run_dir, accelerator = training.config, training.run_dir, training.accelerator
+    config, accelerator = training.config, training.accelerator
     loss_sum = torch.zeros((), device=accelerator.device)
     if config.resume is None:
         return Progress(), loss_sum
-    contents, notes = checkpoint.find_resume_checkpoint(
-        run_dir, config.resume, functools.partial(open_for_resume, training)
+    restored = checkpoints(training).restore(
+        config.resume,
+        model=accelerator.unwrap_model(training.model),
+        optimizer=training.optimizer,
+        scheduler=training.scheduler,
+        sampler=training.sampler,
+        tensors=lookahead_tensors(training),
+        check=functools.partial(check_continues_run, training),
     )
-    for note in notes:
-        accelerator.print(f"resume: {note}")
-    if contents is None:
+    if restored is None:
         accelerator.print("resume: no checkpoint yet; starting from scratch")
         return Progress(), loss_sum
-    found, state = contents.checkpoint, contents.checkpoint.state
+    state = restored.progress
     for difference in compare_fingerprints(
         state["environment"], environment_fingerprint(accelerator.num_processes, REPO)
     ):
         warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
-    accelerator.unwrap_model(training.model).load_state_dict(contents.model_state)
-    training.optimizer.load_state_dict(contents.optimizer_state)
-    if training.lookahead is not None:
-        training.lookahead.load_state_dict(contents.lookahead_state)
-    training.scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
-    training.sampler.load_state_dict(state["sampler"])
-    if contents.rank_state is None:
-        warnings.warn("no RNG state for this rank in the checkpoint (world size changed)", stacklevel=1)
-    else:
-        restore_rng_state(contents.rank_state["rng"])
-        loss_sum = torch.tensor(contents.rank_state["loss_sum"], device=accelerator.device)
-    progress = Progress(state["epoch"], state["position"], state["step"], state["records"])
+    if restored.rank_progress is not None:
+        loss_sum = torch.tensor(restored.rank_progress["loss_sum"], device=accelerator.device)
+    progress = Progress(state["epoch"], state["position"], restored.step, state["records"])
     if accelerator.is_main_process:
         metrics.rewrite(progress.records)
-    accelerator.print(f"resumed from {found.path} at step {progress.step} (epoch {progress.epoch + 1})")
+    accelerator.print(f"resumed from {restored.path} at step {progress.step} (epoch {progress.epoch + 1})")
     return progress, loss_sum
 
 
@@ -581,7 +540,7 @@ def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
         except ConfigError as error:
             refusal = str(error)
         else:
-            for stale in checkpoint.remove_stale_staging(run_dir):
+            for stale in Checkpointer(run_dir / CHECKPOINTS_DIR).remove_stale_staging():
                 accelerator.print(f"removed {stale}, a checkpoint interrupted while being written")
     [refusal] = broadcast_object_list([refusal])
     if refusal is not None:
@@ -652,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, UsageError, checkpoint.CheckpointError) as error:
+    except (ConfigError, DataError, UsageError, CheckpointError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:

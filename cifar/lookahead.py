@@ -21,8 +21,8 @@ class Lookahead:
 
     Create it after the model is on its device and initialised (it keeps the model's tensors); call
     :meth:`after_step` after every optimizer step with the step count so far.
-    Its :meth:`state_dict` belongs in a checkpoint: resuming without it would
-    restart the average.
+    Its :attr:`slow` weights belong in a checkpoint (train.py saves them as a tensor
+    group of :mod:`repro.checkpoint`): resuming without them would restart the average.
     """
 
     def __init__(self, model: nn.Module, every: int, total_steps: int) -> None:
@@ -51,16 +51,3 @@ class Lookahead:
         slow, fast = list(self.slow.values()), list(self.fast.values())
         torch._foreach_lerp_(slow, fast, 1 - decay)
         torch._foreach_copy_(fast, slow)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The slow weights, on the CPU."""
-        return {name: tensor.cpu() for name, tensor in self.slow.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict`'s output; ``ValueError`` if it does not fit this model."""
-        if set(state) != set(self.slow):
-            raise ValueError("lookahead state names other tensors than the model's")
-        for name, slow in self.slow.items():
-            if state[name].shape != slow.shape:
-                raise ValueError(f"lookahead state {name} has shape {tuple(state[name].shape)}")
-            slow.copy_(state[name])

@@ -23,7 +23,6 @@ import torch
 import yaml
 from safetensors.torch import save as serialize_tensors
 
-from cifar import checkpoint
 from cifar.config import (
     RUN_CONTROL_KEYS,
     ConfigError,
@@ -36,6 +35,8 @@ from cifar.config import (
     validate,
 )
 from cifar.runlock import LOCK_NAME, RunFolderInUseError, lock_run_dir
+from repro import checkpoint_format
+from repro.manifest import CHECKPOINTS_DIR
 
 MARKER_NAME = ".repro-run"
 RUN_FORMAT = "repro.run"
@@ -47,7 +48,7 @@ RUN_FILES = frozenset(
     {"config.yaml", "metrics.jsonl", "manifest.json", "model.safetensors", "curves.png", MARKER_NAME, LOCK_NAME}
 )
 RUN_FOLDERS = {
-    "checkpoints": (checkpoint.PREFIX, ".tmp-"),  # checkpoints and their staging folders
+    "checkpoints": (checkpoint_format.PREFIX, ".tmp-"),  # checkpoints and their staging folders
     "tensorboard": ("events.out.tfevents.",),
 }
 # write_atomic's temporary files, left behind by a run killed while writing one.
@@ -147,7 +148,10 @@ def is_run_folder(folder: Path) -> bool:
     return (
         _format_of(folder / MARKER_NAME) == RUN_FORMAT
         or _format_of(folder / "manifest.json") == MANIFEST_FORMAT
-        or any(_format_of(path / "state.json") == checkpoint.FORMAT for path in checkpoint.list_checkpoints(folder))
+        or any(
+            _format_of(path / checkpoint_format.STATE_FILE) == checkpoint_format.FORMAT
+            for path in checkpoint_format.list_checkpoints(folder / CHECKPOINTS_DIR)
+        )
     )
 
 

@@ -10,6 +10,8 @@ Each concern lives in its own module:
 - :mod:`repro.loader`: worker seeding, generators, the resumable sharded sampler
 - :mod:`repro.augment`: per-sample augmentation seeding
 - :mod:`repro.rng`: capture and restore of every generator, as plain data
+- :mod:`repro.checkpoint`: exact resume for any training loop (:class:`Checkpointer`)
+- :mod:`repro.checkpoint_format`: the checkpoint folder's files, written atomically and hashed
 - :mod:`repro.fingerprint`: the environment fingerprint and its comparison
 - :mod:`repro.audit`: modules with no deterministic CUDA implementation
 - :mod:`repro.weights`: hashes of model weights
@@ -47,6 +49,8 @@ _EXPORTS = {
     "SeededAugmentation": "repro.augment",
     "capture_rng_state": "repro.rng",
     "restore_rng_state": "repro.rng",
+    "Checkpointer": "repro.checkpoint",
+    "CheckpointError": "repro.checkpoint",
     "environment_fingerprint": "repro.fingerprint",
     "compare_fingerprints": "repro.fingerprint",
     "audit_model": "repro.audit",

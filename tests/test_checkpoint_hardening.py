@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from test_distributed_runs import two_process_command
 from test_resume import assert_same_run
 
-from cifar import checkpoint
 from cifar.data import imagefolder
+from repro import checkpoint_format as checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_auto_falls_back_past_every_damaged_checkpoint_and_ignores_links(many_ch
     assert f"resumed from {step_dir(checkpoints, 2)} at step 2" in result.stdout
     assert_same_run(run_dir, reference_run)
     # Pruning (--keep-checkpoints 2) went past the oldest-named link without deleting through it.
-    assert {"step-00000015", "step-00000016"} <= {p.name for p in checkpoint.list_checkpoints(run_dir)}
+    assert {"step-00000015", "step-00000016"} <= {p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")}
     assert (checkpoints / "step-00000000").is_symlink() and (checkpoints / "step-99999999").is_symlink()
     checkpoint.load(outside)  # the links' target is untouched
 
@@ -312,23 +312,23 @@ def test_a_checkpoint_killed_mid_write_is_never_listed_nor_chosen(tmp_path):
     process.kill()
     process.wait()
     assert incomplete_entries(checkpoints), "the kill came after the write"
-    for path in checkpoint.list_checkpoints(run_dir):
+    for path in checkpoint.list_checkpoints(run_dir / "checkpoints"):
         checkpoint.load(path)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
-        checkpoint.find_resume_checkpoint(run_dir, "latest", checkpoint.load)
+        checkpoint.resolve(run_dir / "checkpoints", "latest", checkpoint.load)
 
 
 def test_staging_folders_of_one_step_are_distinct_and_cleaned_without_following_links(tmp_path):
     run_dir = tmp_path / "run"
-    first, second = checkpoint.new_staging(run_dir, 7), checkpoint.new_staging(run_dir, 7)
+    first, second = (checkpoint.new_staging(run_dir / "checkpoints", 7) for _ in range(2))
     assert first != second and first.is_dir() and second.is_dir()
     target = tmp_path / "precious"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    link = checkpoint.checkpoint_dir(run_dir) / ".tmp-link"
+    link = run_dir / "checkpoints" / ".tmp-link"
     link.symlink_to(target, target_is_directory=True)
-    assert checkpoint.list_checkpoints(run_dir) == []
-    assert checkpoint.remove_stale_staging(run_dir) == sorted([first, second])
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints") == []
+    assert checkpoint.remove_stale_staging(run_dir / "checkpoints") == sorted([first, second])
     assert link.is_symlink() and (target / "keep.txt").read_text() == "mine"
 
 

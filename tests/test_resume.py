@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
 
-from cifar import checkpoint
+from repro import checkpoint_format as checkpoint
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:

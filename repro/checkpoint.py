@@ -1,0 +1,419 @@
+"""Exact resume for your own training loop: checkpoints that survive being killed
+anywhere, load without running code, and are refused, never half-applied, when
+damaged, altered or made for another run.
+
+    manager = Checkpointer(run_dir / CHECKPOINTS_DIR, keep=3)
+    restored = manager.restore("auto", model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
+    start = restored.step if restored else 0
+    ...  # after each optimizer step, or every N:
+    manager.save(step, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                 batches_consumed=consumed, progress={"epoch": epoch})
+
+A checkpoint holds the model's weights, the optimizer's state, the scheduler's
+state, the :class:`~repro.loader.GlobalBatchSampler`'s position, every
+process's RNG state (:mod:`repro.rng`), JSON progress values, and named groups
+of extra tensors (an EMA, lookahead's slow weights). :mod:`repro.checkpoint_format`
+describes the files: written atomically, hashed, and read back without pickle
+(``optimizer.pt`` is a ``torch.save`` file loaded with ``weights_only=True``).
+
+Restoring checks everything against the live objects before applying anything,
+so ``auto`` can fall back past a checkpoint that does not fit and ``latest`` or a
+path fail with one line. With ``torch.distributed`` initialised (accelerate does
+it), call :meth:`Checkpointer.save` on every rank: each writes its RNG state, the
+main rank the rest, and a write that fails on any rank raises the same
+:class:`CheckpointError` on all of them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repro import checkpoint_format as fmt
+from repro.checkpoint_format import Checkpoint, CheckpointError, short
+from repro.loader import GlobalBatchSampler
+from repro.rng import capture_rng_state, restore_rng_state
+
+__all__ = ["Checkpoint", "CheckpointError", "Checkpointer", "Restored"]
+
+TensorGroups = Mapping[str, Mapping[str, torch.Tensor]]
+
+# Optimizer settings that the run fixes: load_state_dict would otherwise take the file's.
+_GROUP_SETTINGS = ("momentum", "dampening", "nesterov", "weight_decay", "initial_lr")
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :meth:`Checkpointer.restore` applied, and what the loop needs to continue."""
+
+    path: Path
+    step: int
+    progress: dict[str, Any]  # the ``progress`` values saved with it
+    rank_progress: dict[str, Any] | None  # this rank's ``rank_progress``; None: no file for this rank
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _agree(value: object, error: str | None) -> list[object]:
+    """Gather every rank's ``value``, and raise on every rank the first ``error`` any rank had.
+
+    The barrier between a checkpoint's parts: a write that fails on one rank (a read-only
+    folder, a full disk) stops them all with the same one line, and no rank waits forever
+    for one that gave up.
+    """
+    gathered: list[Any] = [(value, error)]
+    if _distributed() and torch.distributed.get_world_size() > 1:
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (value, error))
+    errors = [message for _, message in gathered if message]
+    if errors:
+        raise CheckpointError(errors[0])
+    return [item for item, _ in gathered]
+
+
+class Checkpointer:
+    """Saves checkpoints into ``directory``, keeps the newest ``keep``, and restores them.
+
+    Args:
+        directory: the checkpoints folder, one subfolder per checkpoint (``run_dir / CHECKPOINTS_DIR``).
+        keep: how many of the newest checkpoints :meth:`save` keeps.
+        best_key: a ``progress`` key (a number, higher is better): the checkpoint with the
+            highest value is kept besides the newest ``keep``.
+        log: where the notes of ``auto`` go (a skipped checkpoint, none left); ``print`` on
+            rank 0 by default.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        keep: int = 3,
+        *,
+        best_key: str | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.best_key = best_key
+        self.log = log if log is not None else (lambda line: print(line) if _rank() == 0 else None)
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoint folders, oldest first."""
+        return fmt.list_checkpoints(self.directory)
+
+    def remove_stale_staging(self) -> list[Path]:
+        """Delete the folders of checkpoints interrupted while being written; return them.
+        When: at start-up, on the main rank only, before anything saves."""
+        return fmt.remove_stale_staging(self.directory)
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        sampler: GlobalBatchSampler | None = None,
+        batches_consumed: int = 0,
+        progress: Mapping[str, Any] | None = None,
+        rank_progress: Mapping[str, Any] | None = None,
+        tensors: TensorGroups | None = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically, then remove the ones beyond ``keep``.
+
+        When: after an optimizer step (and the scheduler's step), on every rank. Pass the
+        unwrapped model. ``batches_consumed`` is the count the sampler's ``state_dict``
+        takes (batches trained since this epoch's iteration began); ``progress`` holds
+        JSON values the loop needs to continue (the main rank's are saved), ``rank_progress``
+        this rank's own, and ``tensors`` named groups of extra tensors (an EMA's weights).
+
+        Returns the checkpoint's folder. Raises :class:`CheckpointError` on every rank when
+        any rank fails to write; the checkpoints written before are intact.
+        """
+        progress, rank_progress, tensors = dict(progress or {}), dict(rank_progress or {}), dict(tensors or {})
+        _check_names(progress, fmt.RESERVED_KEYS, "progress")
+        _check_names(rank_progress, {"rng"}, "rank_progress")
+        _check_names(tensors, fmt.OPTIMIZER_KEYS, "tensors")
+        final = self.directory / fmt.folder_name(step)
+
+        def failure(error: OSError) -> str:
+            return f"cannot write checkpoint {final}: {error}; the checkpoints written before it are intact"
+
+        main = _rank() == 0
+        staging, error = None, None
+        if main:
+            try:
+                staging = fmt.new_staging(self.directory, step)
+            except OSError as problem:
+                error = failure(problem)
+        staging, error = _agree(staging, error)[0], None  # the main rank's folder
+        try:
+            fmt.write_rank_state(staging, _rank(), {"rng": capture_rng_state(), **rank_progress})
+        except OSError as problem:
+            error = failure(problem)
+        _agree(None, error)
+        if main:
+            model_state = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+            state: dict[str, Any] = {"step": step}
+            if sampler is not None:
+                state["sampler"] = sampler.state_dict(batches_consumed)
+            if scheduler is not None:
+                state["scheduler"] = scheduler.state_dict()
+            extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in tensors.items()}
+            try:
+                fmt.write_main(staging, model_state, {**optimizer.state_dict(), **extra}, {**state, **progress})
+            except OSError as problem:
+                error = failure(problem)
+            else:
+                try:
+                    fmt.prune(self.directory, self.keep, self.best_key)
+                except OSError as problem:
+                    error = f"checkpoint step {step} written, but older ones cannot be removed: {problem}"
+        _agree(None, error)
+        return final
+
+    def restore(
+        self,
+        mode: str,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        sampler: GlobalBatchSampler | None = None,
+        tensors: TensorGroups | None = None,
+        check: Callable[[Checkpoint], None] | None = None,
+    ) -> Restored | None:
+        """Restore the checkpoint ``mode`` names: ``"latest"``, ``"auto"`` or a folder's path.
+
+        When: on every rank, after the model, optimizer, scheduler, sampler and DataLoaders
+        are built (building them may draw random numbers) and before the first step.
+        Pass the objects that :meth:`save` was given, the model unwrapped; ``tensors``' groups
+        are restored in place. ``check``, if given, is called with each candidate before its
+        content is read: raise :class:`CheckpointError` for one that does not fit (``auto``
+        skips it) or another exception to stop.
+
+        Everything is checked before anything is applied: the hashes, that the weights,
+        optimizer groups, scheduler, sampler, tensor groups and every rank's RNG state fit
+        the live objects. ``latest`` or a path that fails raises :class:`CheckpointError`;
+        ``auto`` goes back past every failing one, saying so through ``log``, and returns
+        ``None`` when none is left (and when there is none yet).
+        """
+        tensors = dict(tensors or {})
+        _check_names(tensors, fmt.OPTIMIZER_KEYS, "tensors")
+
+        def open_checkpoint(path: Path) -> tuple[Checkpoint, dict[str, Any]]:
+            found = fmt.load(path)
+            if check is not None:
+                check(found)
+            return found, _read_checked(found, model, optimizer, scheduler, sampler, tensors)
+
+        opened, notes = fmt.resolve(self.directory, mode, open_checkpoint)
+        for note in notes:
+            self.log(note)
+        if opened is None:
+            return None
+        found, contents = opened
+        model.load_state_dict(contents["model"])
+        optimizer.load_state_dict(contents["optimizer"])
+        with torch.no_grad():
+            for name, group in tensors.items():
+                for key, tensor in group.items():
+                    tensor.copy_(contents["tensors"][name][key])
+        if scheduler is not None:
+            scheduler.load_state_dict(found.state["scheduler"])
+        if sampler is not None:
+            sampler.load_state_dict(found.state["sampler"])
+        rank_state = contents["rank"]
+        if rank_state is None:
+            warnings.warn("no RNG state for this rank in the checkpoint (world size changed)", stacklevel=2)
+        else:
+            restore_rng_state(rank_state["rng"])
+        progress = {key: value for key, value in found.state.items() if key not in fmt.RESERVED_KEYS}
+        rank_progress = None if rank_state is None else {k: v for k, v in rank_state.items() if k != "rng"}
+        return Restored(found.path, found.step, progress, rank_progress)
+
+
+def _check_names(values: Mapping[str, Any], reserved: frozenset[str] | set[str], what: str) -> None:
+    taken = sorted(set(values) & set(reserved))
+    if taken or not all(isinstance(name, str) for name in values):
+        raise ValueError(f"{what} keys must be strings other than {sorted(reserved)}, got {short(list(values))}")
+
+
+def _read_checked(
+    found: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    sampler: GlobalBatchSampler | None,
+    tensors: dict[str, Mapping[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """Read the content of ``found`` and check it against the live objects; nothing is applied.
+    Every rank checks every rank's RNG state, so all ranks accept or refuse the same checkpoints."""
+    state = found.state
+    for key, live in (("scheduler", scheduler), ("sampler", sampler)):
+        if (live is None) != (key not in state):
+            raise found.error(f"{'lacks' if live is not None else 'holds'} a {key} state, unlike this run")
+    scheduler_lrs = None
+    if scheduler is not None:
+        _check_scheduler(found, state["scheduler"], scheduler.state_dict())
+        scheduler_lrs = state["scheduler"]["_last_lr"]
+    if sampler is not None:
+        _check_sampler(found, state["sampler"], sampler.state_dict(0), len(sampler))
+    model_state = found.model_state()
+    _check_tensors(found, model_state, model.state_dict(), fmt.MODEL_FILE)
+    content = found.optimizer_file()
+    extra = {name: content.pop(name, None) for name in set(content) - fmt.OPTIMIZER_KEYS | set(tensors)}
+    for name, saved in extra.items():
+        where = f"{fmt.OPTIMIZER_FILE}'s {name}"
+        if name not in tensors or saved is None:
+            raise found.error(f"{where}: {'missing' if saved is None else 'present'}, unlike this run's")
+        if not isinstance(saved, dict):
+            raise found.error(f"{where} is not a mapping of tensors")
+        _check_tensors(found, saved, tensors[name], where)
+    _check_optimizer(found, content, optimizer, scheduler_lrs)
+    rank_states = {rank: found.rank_state(rank) for rank in found.ranks}
+    for rank, rank_state in rank_states.items():
+        _check_rng_state(found, rank_state["rng"], f"rank-{rank}.json")
+    return {"model": model_state, "optimizer": content, "tensors": extra, "rank": rank_states.get(_rank())}
+
+
+def check_structure(found: Checkpoint, saved: Any, reference: Any, where: str) -> None:
+    """``saved`` must have the shape of ``reference``: the same keys, list lengths and value types."""
+    if isinstance(reference, dict):
+        if not isinstance(saved, dict):
+            raise found.error(f"{where} is not a mapping")
+        if set(saved) != set(reference):
+            extra, missing = sorted(map(str, set(saved) - set(reference))), sorted(set(reference) - set(saved))
+            raise found.error(f"{where} has keys {short(extra)} it should not, lacks {short(missing)}")
+        for key in reference:
+            check_structure(found, saved[key], reference[key], f"{where}.{key}")
+    elif isinstance(reference, list):
+        if not isinstance(saved, list) or len(saved) != len(reference):
+            raise found.error(f"{where} is not a list of {len(reference)}")
+        for index, (item, expected) in enumerate(zip(saved, reference, strict=True)):
+            check_structure(found, item, expected, f"{where}[{index}]")
+    elif type(saved) is not type(reference):
+        raise found.error(f"{where} is {short(saved)}, not a {type(reference).__name__}")
+
+
+def _check_scheduler(found: Checkpoint, saved: dict[str, Any], live: dict[str, Any]) -> None:
+    for key in ("last_epoch", "base_lrs", "_last_lr"):
+        if key not in saved:
+            raise found.error(f"scheduler state lacks {key!r}")
+    # Only the keys both hold: another torch version may add or drop some.
+    common = set(saved) & set(live)
+    check_structure(found, {k: saved[k] for k in common}, {k: live[k] for k in common}, "scheduler")
+    if saved["base_lrs"] != live["base_lrs"]:
+        raise found.error(
+            f"scheduler base_lrs {short(saved['base_lrs'])} differ from this run's {short(live['base_lrs'])}"
+        )
+
+
+def _check_sampler(found: Checkpoint, saved: dict[str, Any], live: dict[str, Any], batches: int) -> None:
+    check_structure(found, saved, live, "sampler")
+    for key in ("version", "num_samples", "batch_size", "seed"):
+        if saved[key] != live[key]:
+            raise found.error(f"sampler {key} {saved[key]} differs from this run's {live[key]}")
+    if not 0 <= saved["position"] <= batches or saved["epoch"] < 0:
+        raise found.error(f"sampler epoch {saved['epoch']}, position {saved['position']} are out of range")
+
+
+def _check_tensors(found: Checkpoint, saved: Mapping[str, Any], live: Mapping[str, torch.Tensor], where: str) -> None:
+    """The same tensors as ``live``'s, of the same shapes and dtypes."""
+    missing, extra = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing or extra:
+        raise found.error(f"{where} lacks {short(missing)} and has {short(extra)} beyond this model's")
+    for name in sorted(saved):  # safetensors gives no fixed order: the first misfit by name, every time
+        tensor, expected = saved[name], live[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected.shape or tensor.dtype != expected.dtype:
+            seen = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else short(tensor)
+            raise found.error(f"{where}: {name} is {seen}, this model's is {tuple(expected.shape)} {expected.dtype}")
+
+
+def _check_optimizer(
+    found: Checkpoint, saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler_lrs: list[Any] | None
+) -> None:
+    """The same parameter groups as ``optimizer``'s, with the same sizes and settings, each
+    group's learning rate the scheduler's, and per-parameter state shaped like its parameter."""
+    name = fmt.OPTIMIZER_FILE
+    if set(saved) != fmt.OPTIMIZER_KEYS:
+        raise found.error(f"{name} does not hold an optimizer state")
+    groups, live_groups = saved["param_groups"], optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(live_groups):
+        count = len(groups) if isinstance(groups, list) else short(groups)
+        raise found.error(f"{name} has {count} parameter groups, this run's optimizer {len(live_groups)}")
+    parameters: dict[Any, torch.Tensor] = {}
+    for index, (group, live) in enumerate(zip(groups, live_groups, strict=True)):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise found.error(f"{name}: parameter group {index} is malformed")
+        if len(group["params"]) != len(live["params"]):
+            raise found.error(
+                f"{name}: parameter group {index} has {len(group['params'])} parameters, "
+                f"this run's {len(live['params'])}"
+            )
+        for key in _GROUP_SETTINGS:
+            if key in live and group.get(key) != live[key]:
+                raise found.error(f"{name}: group {index} has {key} {short(group.get(key))}, this run's {live[key]!r}")
+        lr = group.get("lr")
+        if not fmt.is_number(lr) or (
+            scheduler_lrs is not None and (index >= len(scheduler_lrs) or lr != scheduler_lrs[index])
+        ):
+            raise found.error(f"{name}: group {index}'s lr {short(lr)} is not the scheduler's")
+        parameters.update(zip(group["params"], live["params"], strict=True))
+    ids_are_ints = all(isinstance(key, int) and not isinstance(key, bool) for key in parameters)
+    if len(parameters) != sum(len(group["params"]) for group in groups) or not ids_are_ints:
+        raise found.error(f"{name}: parameter ids are not distinct integers")
+    if not isinstance(saved["state"], dict):
+        raise found.error(f"{name}: its per-parameter state is not a mapping")
+    for key, entry in saved["state"].items():
+        if key not in parameters or not isinstance(entry, dict):
+            raise found.error(f"{name}: state for unknown parameter {short(key)}")
+        parameter = parameters[key]
+        for field, value in entry.items():
+            shaped = (value.shape, value.dtype) if isinstance(value, torch.Tensor) else None
+            if shaped is not None and value.ndim and shaped != (parameter.shape, parameter.dtype):
+                raise found.error(
+                    f"{name}: {field} of parameter {key} is {tuple(value.shape)} {value.dtype}, "
+                    f"the parameter {tuple(parameter.shape)} {parameter.dtype}"
+                )
+            if not isinstance(value, torch.Tensor | None) and not fmt.is_number(value):
+                raise found.error(f"{name}: {field} of parameter {key} is {short(value)}")
+
+
+def _check_rng_state(found: Checkpoint, state: Any, name: str) -> None:
+    """Raise unless :func:`restore_rng_state` would restore ``state`` here.
+
+    The CPU generators are checked by restoring them, which runs every check they have,
+    and putting the current states back; the CUDA ones by their device index and length,
+    as restoring another device's state would start a CUDA context on it.
+    """
+    if not isinstance(state, dict) or not isinstance(state.get("cuda"), dict):
+        raise found.error(f"{name} does not hold a repro.rng state")
+    current = capture_rng_state()
+    try:
+        restore_rng_state({**state, "cuda": {}})
+    except Exception as error:  # each generator rejects a bad state with its own exception type
+        raise found.error(f"{name}: the RNG state cannot be restored ({fmt.first_line(error)})") from None
+    finally:
+        restore_rng_state(current)
+    devices = torch.cuda.device_count()
+    # Every device's generator state has the length of this process's device's (if it has one).
+    reference = next(iter(current["cuda"].values()), None)
+    for device, text in state["cuda"].items():
+        if not device.isdigit() or int(device) >= devices:
+            raise found.error(f"{name} holds an RNG state for CUDA device {short(device)}, which this machine lacks")
+        if not isinstance(text, str) or (reference is not None and len(text) != len(reference)):
+            raise found.error(f"{name}: the RNG state of CUDA device {device} is malformed")

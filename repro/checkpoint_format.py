@@ -1,0 +1,375 @@
+"""The on-disk checkpoint format (version 2) that :mod:`repro.checkpoint` writes and reads.
+
+A checkpoint is a folder ``step-NNNNNNNN/`` in a checkpoints folder, holding:
+
+- ``model.safetensors``: the weights (safetensors: tensors only);
+- ``optimizer.pt``: the optimizer's state and any extra tensor groups, read back
+  with ``torch.load(weights_only=True)``, which builds tensors and plain
+  containers and refuses anything else;
+- ``rank-R.json``: each process's RNG state (:mod:`repro.rng`) and its own
+  progress values, as JSON;
+- ``state.json``: the format version, the step, the sampler's and scheduler's
+  state, the user's progress values, the SHA-256 of every other file, and the
+  SHA-256 of its own content (``state_sha256``).
+
+It is written into a temporary folder with a name of its own
+(``.tmp-step-NNNNNNNN-<pid>-<random>``), every file fsynced, and renamed into
+place once complete, so a kill during the write leaves the previous checkpoints
+intact and at worst a ``.tmp-*`` folder, which :func:`remove_stale_staging`
+deletes; two writers never share one. :func:`load` checks what a folder holds
+by itself (format, version, hashes, file list) before anyone reads its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+FORMAT = "repro.checkpoint"
+VERSION = 2  # 2: state.json is hashed
+PREFIX = "step-"
+STATE_FILE = "state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+# state.json's keys that the format itself uses; the user's progress values take the others.
+RESERVED_KEYS = frozenset({"format", "version", "step", "sampler", "scheduler", "files", "state_sha256"})
+# optimizer.pt's keys that the optimizer's state uses; extra tensor groups take the others.
+OPTIMIZER_KEYS = frozenset({"state", "param_groups"})
+
+_FOLDER_NAME = re.compile(rf"{PREFIX}\d{{8}}")
+_RANK_FILE = re.compile(r"rank-(0|[1-9]\d*)\.json")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+T = TypeVar("T")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, altered, of another format, that does not fit
+    the run, or that cannot be written; its message is one line. ``auto`` skips one that fails."""
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut short: a hostile file must not make a huge error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, cut short, or its type's name."""
+    text = str(error).strip()
+    return short(text.splitlines()[0], 200) if text else type(error).__name__
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def folder_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def state_sha256(state: Mapping[str, Any]) -> str:
+    """SHA-256 of ``state`` without its ``state_sha256`` key, as canonical JSON (sorted keys,
+    no spaces): what ``state.json`` records of itself. JSON floats read back exactly, so the
+    hash of a loaded state equals the hash of the state that was written."""
+    body = {key: value for key, value in state.items() if key != "state_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load` returns: the folder and its verified ``state.json``. Its files
+    match their hashes; their content is checked as they are read."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def ranks(self) -> list[int]:
+        """The ranks whose files the checkpoint holds."""
+        return sorted(int(match[1]) for name in self.state["files"] if (match := _RANK_FILE.fullmatch(name)))
+
+    def error(self, problem: str) -> CheckpointError:
+        """A :class:`CheckpointError` naming this checkpoint: raise it when its content is wrong."""
+        return CheckpointError(f"checkpoint {self.path}: {problem}")
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        try:
+            return load_safetensors((self.path / MODEL_FILE).read_bytes())
+        except (SafetensorError, OSError) as error:
+            raise self.error(f"unreadable {MODEL_FILE} ({first_line(error)})") from None
+
+    def optimizer_file(self) -> dict[str, Any]:
+        """``optimizer.pt``'s content, unpickled with ``weights_only=True``: no code runs."""
+        try:
+            data = (self.path / OPTIMIZER_FILE).read_bytes()
+            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as error:  # whatever the unpickler refuses, it refuses as one of many types
+            raise self.error(
+                f"{OPTIMIZER_FILE} is not a plain tensor file and was not loaded ({first_line(error)})"
+            ) from None
+        if not isinstance(content, dict):
+            raise self.error(f"{OPTIMIZER_FILE} does not hold an optimizer state")
+        return content
+
+    def rank_state(self, rank: int) -> dict[str, Any]:
+        """``rank-R.json``: a mapping holding ``rng`` and the rank's progress values."""
+        name = f"rank-{rank}.json"
+        try:
+            data = json.loads((self.path / name).read_text())
+        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
+            raise self.error(f"{name} is not readable JSON ({first_line(error)})") from None
+        if not isinstance(data, dict) or "rng" not in data:
+            raise self.error(f"{name} does not hold an RNG state")
+        return data
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` and to the disk; return its SHA-256."""
+    with path.open("wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def new_staging(directory: Path, step: int) -> Path:
+    """Create the temporary folder that every process writes its part of checkpoint ``step``
+    into (main process only; it hands the name to the others). The pid and a random suffix
+    keep two writers of the same step apart."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f".tmp-{folder_name(step)}-{os.getpid()}-{os.urandom(4).hex()}"
+    staging.mkdir()
+    return staging
+
+
+def write_rank_state(staging: Path, rank: int, data: Mapping[str, Any]) -> None:
+    """Write this process's part (RNG state, its progress values); every rank calls it."""
+    _write(staging / f"rank-{rank}.json", json.dumps(data).encode())
+
+
+def write_main(
+    staging: Path, model_state: Mapping[str, torch.Tensor], optimizer_file: Mapping[str, Any], state: dict[str, Any]
+) -> Path:
+    """Write the shared files, hash everything and rename the folder into place (main process only).
+
+    Call it after every rank has written its part. ``state`` holds ``step`` and the other
+    keys of ``state.json``. Returns the final folder. On a failure (a full disk) it removes
+    the staging folder and raises ``OSError``: the previous checkpoints are untouched.
+    """
+    final = staging.parent / folder_name(state["step"])
+    try:
+        files = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
+        # Serialised in memory and written here, so a failing disk raises OSError, whatever the library.
+        files[MODEL_FILE] = _write(staging / MODEL_FILE, save_safetensors(dict(model_state)))
+        buffer = io.BytesIO()
+        torch.save(dict(optimizer_file), buffer)
+        files[OPTIMIZER_FILE] = _write(staging / OPTIMIZER_FILE, buffer.getvalue())
+        state = {"format": FORMAT, "version": VERSION, **state, "files": dict(sorted(files.items()))}
+        state["state_sha256"] = state_sha256(state)
+        _write(staging / STATE_FILE, json.dumps(state, indent=1).encode())
+        _replace(final, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(staging.parent)
+    return final
+
+
+def _replace(final: Path, staging: Path) -> None:
+    """Rename ``staging`` to ``final``. A folder already there (a step rewritten after an
+    earlier resume) is first renamed aside under a ``.tmp-`` name and deleted after, so a
+    kill in between leaves it for the next start to remove; a link there is removed, never
+    followed."""
+    if final.is_symlink():
+        final.unlink()
+    elif final.exists():
+        aside = final.parent / f".tmp-replaced-{staging.name.removeprefix('.tmp-')}"
+        final.rename(aside)
+        staging.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)  # what is left, the next start removes
+        return
+    staging.rename(final)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """Parse ``state.json`` and check its format, version, self-hash and the format's own keys."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (it is a file)")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} is not a checkpoint folder: it has no {STATE_FILE} (incomplete, or not a checkpoint)"
+        ) from None
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE} ({error})") from None
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is corrupt ({first_line(error)})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {short(state.get('version'))}; this code reads version "
+            f"{VERSION} (resume it with the code that wrote it, or start the run again)"
+        )
+    if not is_sha256(state.get("state_sha256")) or state_sha256(state) != state["state_sha256"]:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is altered or corrupt (its SHA-256 does not match)")
+    if not is_count(state.get("step")):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE}'s 'step' is not a count")
+    files = state.get("files")
+    if not isinstance(files, dict) or not all(isinstance(name, str) and is_sha256(h) for name, h in files.items()):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE}'s 'files' is not a mapping of file names to SHA-256s")
+    for key in ("sampler", "scheduler"):
+        if key in state and not isinstance(state[key], dict):
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE}'s {key!r} is not a mapping")
+    return state
+
+
+def _check_files(path: Path, files: dict[str, str]) -> None:
+    """The folder holds exactly the files ``state.json`` lists, each with its recorded SHA-256."""
+    names = set(files)
+    ranks = sorted(int(match[1]) for name in names if (match := _RANK_FILE.fullmatch(name)))
+    required = {MODEL_FILE, OPTIMIZER_FILE, "rank-0.json"}
+    if not required <= names or ranks != list(range(len(ranks))):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} does not list the files of a checkpoint")
+    odd = sorted(names - {MODEL_FILE, OPTIMIZER_FILE} - {f"rank-{rank}.json" for rank in ranks})
+    if odd:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} lists unexpected files {short(odd)}")
+    unlisted = sorted(entry.name for entry in path.iterdir() if entry.name not in names | {STATE_FILE})
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path} holds {short(unlisted)}, which {STATE_FILE} does not list")
+    for name, expected in files.items():
+        file = path / name
+        if file.is_symlink() or not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}, or it is not a plain file")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (its SHA-256 does not match {STATE_FILE})")
+
+
+def load(path: Path) -> Checkpoint:
+    """Read and verify a checkpoint folder: format, version, hashes and file list.
+    Raises :class:`CheckpointError` saying what is wrong."""
+    state = _read_state(path)
+    _check_files(path, state["files"])
+    return Checkpoint(path, state)
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoint folders in ``directory``, oldest first. Links are left out: a
+    checkpoint is a real folder this run wrote, and a link is neither resumed from nor pruned."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        path
+        for path in directory.iterdir()
+        if _FOLDER_NAME.fullmatch(path.name) and not path.is_symlink() and path.is_dir()
+    )
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Delete the ``.tmp-*`` folders left by a run killed while writing; return them.
+    Links and folders that cannot be deleted are left alone: no run ever lists them."""
+    removed = []
+    for path in sorted(directory.glob(".tmp-*")) if directory.is_dir() else []:
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def resolve(directory: Path, mode: str, open_checkpoint: Callable[[Path], T]) -> tuple[T | None, list[str]]:
+    """Resolve ``latest``, ``auto`` or a folder's path through ``open_checkpoint``, which
+    loads and checks one folder and raises :class:`CheckpointError` if it cannot be used.
+
+    Returns its result (``None`` when ``auto`` finds none) and the lines to tell the
+    user: ``auto`` skips, newest first, every checkpoint that fails, and says so.
+    """
+    if mode not in ("latest", "auto"):
+        return open_checkpoint(Path(mode)), []
+    candidates = list_checkpoints(directory)
+    if not candidates:
+        if mode == "latest":
+            raise CheckpointError(f"--resume latest: no checkpoint in {directory}")
+        return None, []
+    if mode == "latest":
+        return open_checkpoint(candidates[-1]), []
+    notes = []
+    for path in reversed(candidates):
+        try:
+            return open_checkpoint(path), notes
+        except CheckpointError as error:
+            notes.append(f"skipping {error}")
+    notes.append("no intact checkpoint: starting from scratch")
+    return None, notes
+
+
+def _recorded(path: Path, key: str) -> float | None:
+    """The number a checkpoint's ``state.json`` records under ``key``, if readable."""
+    try:
+        value = json.loads((path / STATE_FILE).read_text()).get(key)
+    except (OSError, UnicodeDecodeError, RecursionError, AttributeError, json.JSONDecodeError):
+        return None
+    return value if is_number(value) else None
+
+
+def prune(directory: Path, keep: int, best_key: str | None = None) -> None:
+    """Keep the newest ``keep`` checkpoints and, with ``best_key``, the one whose
+    ``state.json`` records the highest number under that key."""
+    checkpoints = list_checkpoints(directory)
+    best, best_value = None, None
+    for path in checkpoints if best_key is not None else []:
+        value = _recorded(path, best_key)
+        if value is not None and (best_value is None or value > best_value):
+            best, best_value = path, value
+    for path in checkpoints[: max(len(checkpoints) - keep, 0)]:
+        if path != best:
+            shutil.rmtree(path)

@@ -1,0 +1,92 @@
+"""repro.checkpoint used directly, without train.py: what is saved comes back exactly, keep-K
+and the best are kept, latest/auto/PATH resolve, and a damaged or misfit checkpoint is refused
+before anything is applied."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from repro.checkpoint import Checkpointer, CheckpointError
+from repro.loader import GlobalBatchSampler
+
+
+def make_run(width: int = 4) -> dict:
+    torch.manual_seed(0)
+    model = nn.Linear(3, width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "sampler": GlobalBatchSampler(8, 2, 5)}
+
+
+def train_step(run: dict) -> None:
+    run["model"](torch.randn(2, 3)).square().sum().backward()
+    run["optimizer"].step()
+    run["scheduler"].step()
+    run["optimizer"].zero_grad()
+
+
+def draws() -> tuple:
+    return random.random(), np.random.random(), torch.rand(1).item()
+
+
+def test_save_restore_keep_and_resolve(tmp_path):
+    notes = []
+    manager = Checkpointer(tmp_path / "checkpoints", keep=2, best_key="score", log=notes.append)
+    run = make_run()
+    ema = {"weight": torch.zeros(4, 3)}
+    assert manager.restore("auto", **run) is None  # nothing yet
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        manager.restore("latest", **run)
+    for step in range(1, 6):
+        train_step(run)
+        ema["weight"] += run["model"].weight.detach()
+        score = 1.0 if step == 2 else 0.0
+        manager.save(step, **run, batches_consumed=step % 4, progress={"score": score}, rank_progress={"n": step},
+                     tensors={"ema": ema})  # fmt: skip
+    expected_draws = draws()
+    saved_model = {k: v.clone() for k, v in run["model"].state_dict().items()}
+    saved_momentum = run["optimizer"].state_dict()["state"][0]["momentum_buffer"].clone()
+    assert [path.name for path in manager.checkpoints()] == ["step-00000002", "step-00000004", "step-00000005"]
+
+    fresh, fresh_ema = make_run(), {"weight": torch.zeros(4, 3)}
+    torch.manual_seed(99)
+    restored = manager.restore("latest", **fresh, tensors={"ema": fresh_ema})
+    assert (restored.step, restored.progress, restored.rank_progress) == (5, {"score": 0.0}, {"n": 5})
+    assert draws() == expected_draws  # the RNG continues where the save left it
+    assert all(torch.equal(fresh["model"].state_dict()[k], v) for k, v in saved_model.items())
+    assert torch.equal(fresh["optimizer"].state_dict()["state"][0]["momentum_buffer"], saved_momentum)
+    assert fresh["scheduler"].last_epoch == 5 and torch.equal(fresh_ema["weight"], ema["weight"])
+    assert (fresh["sampler"].epoch, fresh["sampler"].start_batch) == (0, 1)
+    assert manager.restore(str(manager.checkpoints()[0]), **make_run(), tensors={"ema": ema}).step == 2
+
+    # A flipped byte in the newest: latest and its path refuse it in one line, auto goes back to step 4.
+    weights = manager.checkpoints()[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    for mode in ("latest", str(weights.parent)):
+        with pytest.raises(CheckpointError, match=r"step-00000005: model.safetensors is corrupt") as error:
+            manager.restore(mode, **make_run(), tensors={"ema": ema})
+        assert "\n" not in str(error.value)
+    assert manager.restore("auto", **make_run(), tensors={"ema": ema}).step == 4
+    assert notes == [f"skipping checkpoint {weights.parent}: model.safetensors is corrupt (its SHA-256 does not match "
+                     "state.json)"]  # fmt: skip
+
+    # Checkpoints that do not fit the run are refused before anything is applied.
+    other = make_run(width=5)
+    before = {k: v.clone() for k, v in other["model"].state_dict().items()}
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: bias is \(4,\) torch.float32, this model.s is \(5,\)"
+    ):
+        manager.restore(str(manager.checkpoints()[1]), **other, tensors={"ema": ema})
+    assert all(torch.equal(other["model"].state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt's ema: present, unlike this run's"):
+        manager.restore(str(manager.checkpoints()[1]), **make_run())
+    with pytest.raises(CheckpointError, match="sampler seed 5 differs from this run's 6"):
+        manager.restore(str(manager.checkpoints()[1]), **{**make_run(), "sampler": GlobalBatchSampler(8, 2, 6)},
+                        tensors={"ema": ema})  # fmt: skip
+    with pytest.raises(ValueError, match="progress keys must be strings other than"):
+        manager.save(6, **run, progress={"step": 6})
