@@ -35,7 +35,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from cifar import checkpoint, tracking
-from cifar.config import ConfigError, TrainConfig, config_differences, config_to_dict, resolve_mixed_precision
+from cifar.config import (
+    RESULT_NEUTRAL_KEYS,
+    ConfigError,
+    TrainConfig,
+    config_differences,
+    config_to_dict,
+    resolve_mixed_precision,
+)
 from cifar.data import (
     TRAIN_TRANSFORM_GENERATORS,
     DataError,
@@ -56,7 +63,6 @@ from cifar.outputs import (
     resolve_config,
     run_dir_of,
     write_config,
-    write_json,
     write_weights,
 )
 from cifar.plots import plot_curves
@@ -68,7 +74,7 @@ from repro.determinism import configure_determinism
 from repro.distributed import get_rank, launcher_world_size
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.loader import GlobalBatchSampler, WorkerSeeder
-from repro.manifest import CHECKPOINTS_DIR
+from repro.manifest import CHECKPOINTS_DIR, CURVES_FILE, METRICS_FILE, WEIGHTS_FILE, write_manifest
 from repro.seeding import seed_everything
 from repro.seeds import TEST_LOADER_STREAM, TRAIN_LOADER_STREAM, SeedPlan
 from repro.stop import GracefulStop
@@ -501,10 +507,8 @@ def save(
     model_state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     if not accelerator.is_main_process:
         return
-    write_weights(run_dir / "model.safetensors", model_state)
+    write_weights(run_dir / WEIGHTS_FILE, model_state)
     manifest = {
-        "format": "repro.manifest",
-        "version": 1,
         "seed": config.seed,
         "seeds": seeds.as_dict(),
         "world_size": accelerator.num_processes,
@@ -520,9 +524,9 @@ def save(
         "environment": environment_fingerprint(accelerator.num_processes, REPO),
         "config": config_to_dict(config),
     }
-    write_json(run_dir / "manifest.json", manifest)
-    if progress.records and not plot_curves(progress.records, run_dir / "curves.png"):
-        print("curves.png not written: matplotlib is not installed")
+    write_manifest(run_dir, manifest, RESULT_NEUTRAL_KEYS)
+    if progress.records and not plot_curves(progress.records, run_dir / CURVES_FILE):
+        print(f"{CURVES_FILE} not written: matplotlib is not installed")
 
 
 def prepare_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
@@ -579,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), lookahead
     )
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / METRICS_FILE)
     progress, loss_sum = resume(training, metrics)
     if accelerator.is_main_process:
         write_config(run_dir, config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import re
 import reprlib
 import sys
 import types
@@ -21,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from cifar.models import model_names
+from repro.files import DECIMAL_FLOAT, DECIMAL_INT, RunFileError, parse_yaml_mapping
 from repro.seeds import check_seed
 
 
@@ -37,13 +35,6 @@ MAX_CONFIG_BYTES = 1 << 20
 # torch accepts any positive count, but crashed (segmentation fault) on the first
 # operation at 10**6 threads; 1024 ran. More than a CPU has only slows a run down.
 MAX_CPU_THREADS = 1024
-
-# The only spellings of a number, on the command line and in a config file. YAML 1.1
-# reads 010 as 8, 0x10 as 16 and 1:30 as 90: a user who typed them meant none of these.
-_DECIMAL_INT = re.compile(r"[-+]?[0-9]+")
-_DECIMAL_FLOAT = re.compile(
-    r"[-+]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE
-)
 
 
 def _short_repr() -> reprlib.Repr:
@@ -186,6 +177,10 @@ RUN_CONTROL_KEYS = frozenset(
     }
 )
 
+# The run-control keys that change neither the weights nor the metrics, which the manifest records
+# for `python -m repro compare`. Not max_steps: a run it stops early ends with other weights.
+RESULT_NEUTRAL_KEYS = RUN_CONTROL_KEYS - {"max_steps"}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
@@ -232,7 +227,7 @@ def coerce(key: str, value: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {_short(value)}")
         return value
-    if base is float and isinstance(value, str) and _DECIMAL_FLOAT.fullmatch(value):
+    if base is float and isinstance(value, str) and DECIMAL_FLOAT.fullmatch(value):
         # PyYAML follows YAML 1.1, where 5e-4 (no dot) is a string, not a float.
         return float(value)
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[base]
@@ -243,7 +238,7 @@ def coerce(key: str, value: Any) -> Any:
 
 
 def _decimal_int(text: str) -> int:
-    """``int(text)`` for text that matched ``_DECIMAL_INT``; Python refuses more than 4300 digits."""
+    """``int(text)`` for text that matched ``DECIMAL_INT``; Python refuses more than 4300 digits."""
     try:
         return int(text)
     except ValueError:
@@ -263,9 +258,9 @@ def _parse_flag(key: str, text: str) -> Any:
         return None
     if base is str:
         return coerce(key, text)
-    if base is int and _DECIMAL_INT.fullmatch(text):
+    if base is int and DECIMAL_INT.fullmatch(text):
         return coerce(key, _decimal_int(text))
-    if base is float and _DECIMAL_FLOAT.fullmatch(text):
+    if base is float and DECIMAL_FLOAT.fullmatch(text):
         return coerce(key, float(text))
     if base is bool and text.lower() in ("true", "false"):
         return coerce(key, text.lower() == "true")
@@ -273,61 +268,12 @@ def _parse_flag(key: str, text: str) -> Any:
     raise ConfigError(f"config key {key!r} must be {base.__name__} ({spelling}), got {_short(text)}")
 
 
-def _line(mark: yaml.Mark) -> str:
-    return f"line {mark.line + 1}"
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, narrowed to what a config is: one flat mapping of plain values.
-
-    Anchors and aliases are refused (a few hundred bytes of them expand to
-    gigabytes), and so are nested lists and mappings, duplicate keys, and
-    numbers that are not plain decimals. Each refusal is a ``ConfigError``
-    naming the line.
-    """
-
-    def compose_node(self, parent: yaml.Node | None, index: yaml.Node | None) -> yaml.Node:
-        event = self.peek_event()
-        if event.anchor is not None:
-            raise ConfigError(f"{_line(event.start_mark)}: anchors and aliases (&name, *name) are not allowed")
-        # Refused here, before the composer recurses into them: nesting is never a config value.
-        if parent is not None and isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            what = f"the value of {_short(index.value)}" if isinstance(index, yaml.ScalarNode) else "each key and value"
-            raise ConfigError(f"{_line(event.start_mark)}: {what} must be one plain value, not a list or mapping")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node)  # a scalar: compose_node refused all else
-            if key in seen:
-                raise ConfigError(f"{_line(key_node.start_mark)}: duplicate key {_short(key)}")
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        text = self.construct_scalar(node)
-        if not _DECIMAL_INT.fullmatch(text):
-            raise ConfigError(f"{_line(node.start_mark)}: {_short(text)} is not a plain decimal integer")
-        return _decimal_int(text)
-
-    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
-        text = self.construct_scalar(node)
-        if text.lstrip("+-").lower() in (".inf", ".nan"):
-            return super().construct_yaml_float(node)
-        if not _DECIMAL_FLOAT.fullmatch(text):
-            raise ConfigError(f"{_line(node.start_mark)}: {_short(text)} is not a plain decimal number")
-        return float(text)
-
-
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
-_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader.construct_yaml_float)
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file: a flat YAML mapping of plain values, at most ``MAX_CONFIG_BYTES`` of UTF-8.
 
-    The safe loader never builds Python objects; see :class:`_ConfigLoader` for what else it refuses.
+    Parsed by repro's YAML reader, flat: a safe loader (it builds no Python objects) that also refuses
+    anchors, aliases, nesting, duplicate keys and numbers that are not plain decimals
+    (:func:`repro.files.parse_yaml_mapping`).
     """
     path = Path(path)
     try:
@@ -347,17 +293,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"config file {path} is not UTF-8 text (byte {error.start}: 0x{data[error.start]:02x})"
         ) from None
     try:
-        loaded = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: it builds no Python objects
-    except ConfigError as error:
-        raise ConfigError(f"config file {path}, {error}") from None
-    except yaml.YAMLError as error:
-        problem = str(error).splitlines()[0][:200]  # the problem may quote a tag or token of any length
-        raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    return loaded
+        return parse_yaml_mapping(text, f"config file {path}", flat=True)
+    except RunFileError as error:
+        raise ConfigError(str(error)) from None
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -485,8 +423,3 @@ def config_differences(previous: dict[str, Any], current: TrainConfig) -> list[s
     now = config_to_dict(current)
     keys = sorted((set(previous) | set(now)) - RUN_CONTROL_KEYS)
     return [f"{key}: {previous.get(key)!r} -> {now.get(key)!r}" for key in keys if previous.get(key) != now.get(key)]
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Rebuild a config from :func:`config_to_dict`'s output, checking every key."""
-    return validate(TrainConfig(**{str(key): coerce(str(key), value) for key, value in values.items()}))

@@ -12,9 +12,7 @@ written again, and ``--overwrite`` deletes only the entries such a folder holds.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,19 +34,25 @@ from cifar.config import (
 )
 from cifar.runlock import LOCK_NAME, RunFolderInUseError, lock_run_dir
 from repro import checkpoint_format
-from repro.manifest import CHECKPOINTS_DIR
+from repro.files import write_atomic
+from repro.manifest import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    CURVES_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+)
 
 MARKER_NAME = ".repro-run"
 RUN_FORMAT = "repro.run"
-MANIFEST_FORMAT = "repro.manifest"
 
 # What a run folder holds: the files and folders train.py and accelerate's
 # tensorboard tracker write into it, and nothing else.
-RUN_FILES = frozenset(
-    {"config.yaml", "metrics.jsonl", "manifest.json", "model.safetensors", "curves.png", MARKER_NAME, LOCK_NAME}
-)
+RUN_FILES = frozenset({CONFIG_FILE, METRICS_FILE, MANIFEST_FILE, WEIGHTS_FILE, CURVES_FILE, MARKER_NAME, LOCK_NAME})
 RUN_FOLDERS = {
-    "checkpoints": (checkpoint_format.PREFIX, ".tmp-"),  # checkpoints and their staging folders
+    CHECKPOINTS_DIR: (checkpoint_format.PREFIX, ".tmp-"),  # checkpoints and their staging folders
     "tensorboard": ("events.out.tfevents.",),
 }
 # write_atomic's temporary files, left behind by a run killed while writing one.
@@ -92,7 +96,7 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
         return validate(config)
     if config.overwrite:
         raise ConfigError("--overwrite deletes the run that --resume would continue: give one or the other")
-    config_file = run_dir_of(config) / "config.yaml"
+    config_file = run_dir_of(config) / CONFIG_FILE
     if not config_file.is_file():
         return validate(config)
     try:
@@ -113,41 +117,11 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     return validate(TrainConfig(**{**saved, **given}))
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    The file gets the permissions ``open`` would give it (0666 less the umask).
-    """
-    descriptor, temporary = _create_temporary(path)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data.encode() if isinstance(data, str) else data)
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    """Create a new empty file ``.<name>.<random>`` next to ``path``; return its descriptor and path.
-
-    Not ``tempfile.mkstemp``: it makes every file 0600, whatever the umask.
-    """
-    while True:
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-        try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), temporary
-        except FileExistsError:
-            continue
-
-
 def is_run_folder(folder: Path) -> bool:
     """Whether ``folder`` holds this project's marker, manifest or a checkpoint of its format."""
     return (
         _format_of(folder / MARKER_NAME) == RUN_FORMAT
-        or _format_of(folder / "manifest.json") == MANIFEST_FORMAT
+        or _format_of(folder / MANIFEST_FILE) == MANIFEST_FORMAT
         or any(
             _format_of(path / checkpoint_format.STATE_FILE) == checkpoint_format.FORMAT
             for path in checkpoint_format.list_checkpoints(folder / CHECKPOINTS_DIR)
@@ -221,14 +195,14 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
                 "nothing was deleted: move it away, or choose another --output-dir"
             )
         return
-    config_file = output_dir / "config.yaml"
+    config_file = output_dir / CONFIG_FILE
     changed = config_differences(load_yaml(config_file), config) if config_file.exists() else []
     if changed:
         raise RunFolderError(
             f"output folder {output_dir} holds a different run ({'; '.join(changed)}); "
             "choose another --output-dir, or pass --overwrite"
         )
-    if config.resume is None and (output_dir / "checkpoints").exists():
+    if config.resume is None and (output_dir / CHECKPOINTS_DIR).exists():
         raise RunFolderError(
             f"output folder {output_dir} holds checkpoints of this run; continue it with --resume auto, "
             "or start again with --overwrite"
@@ -277,7 +251,7 @@ def _remove(entry: Path) -> None:
 
 
 def write_config(output_dir: Path, config: TrainConfig) -> None:
-    write_atomic(output_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

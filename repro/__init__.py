@@ -17,7 +17,10 @@ Each concern lives in its own module:
 - :mod:`repro.weights`: hashes of model weights
 - :mod:`repro.trace`: per-step traces for the run-twice verifier
 - :mod:`repro.stop`: stopping after the current step on SIGTERM/SIGINT (:class:`GracefulStop`)
-- :mod:`repro.verify`: ``python -m repro verify / compare / reproduce / env``
+- :mod:`repro.manifest`: the run folder's file names, the manifest's writing and reading
+- :mod:`repro.files`: bounded readers of a run folder's files (JSON, YAML, safetensors), atomic writes
+- :mod:`repro.verify`, :mod:`repro.compare`, :mod:`repro.reproduce`: ``python -m repro verify / compare /
+  reproduce``; ``env`` is :func:`repro.fingerprint.environment_report`
 
 Names are imported lazily, so ``import repro`` is instant and
 ``repro.hashseed`` can run before torch is imported.
@@ -58,6 +61,8 @@ _EXPORTS = {
     "tensor_digests": "repro.weights",
     "StepTracer": "repro.trace",
     "GracefulStop": "repro.stop",
+    "write_manifest": "repro.manifest",
+    "read_manifest": "repro.manifest",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

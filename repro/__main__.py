@@ -2,11 +2,12 @@
 
     python -m repro verify [--steps N] -- accelerate launch train.py --seed 2333
     python -m repro compare runs/a runs/b
-    python -m repro reproduce runs/a/manifest.json [--output-dir DIR]
+    python -m repro reproduce runs/a [--script train.py] [--output-dir DIR]
     python -m repro env [--json]
 
-A thin command line over :mod:`repro.verify`: it parses the arguments, runs the
-check, prints its report and exits with its status: 0 reproducible or
+A thin command line over :mod:`repro.verify`, :mod:`repro.compare`,
+:mod:`repro.reproduce` and :mod:`repro.fingerprint`: it parses the arguments,
+runs the check, prints its report and exits with its status: 0 reproducible or
 identical, 1 different, 2 could not tell (a failed run, a missing file).
 """
 
@@ -18,7 +19,11 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from repro.verify import CommandError, Report, compare_runs, environment_report, reproduce_run, verify_command
+from repro.compare import compare_runs
+from repro.fingerprint import environment_report
+from repro.report import CommandError, Report
+from repro.reproduce import DEFAULT_SCRIPT, reproduce_run
+from repro.verify import verify_command
 
 
 def _positive_int(text: str) -> int:
@@ -55,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", type=Path)
     compare.add_argument("run_b", type=Path)
 
-    reproduce = commands.add_parser(
-        "reproduce", help="re-run a finished run from its manifest with this repository's train.py"
-    )
+    reproduce = commands.add_parser("reproduce", help="re-run a finished run from its manifest and check its weights")
     reproduce.add_argument("manifest", type=Path, help="the run's manifest.json (or its run folder)")
+    reproduce.add_argument(
+        "--script",
+        type=Path,
+        default=DEFAULT_SCRIPT,
+        help="the training script to re-run, given --config FILE (default: train.py in the current folder)",
+    )
     reproduce.add_argument("--output-dir", type=Path, help="a new folder for the re-run (default: a temporary one)")
 
     env = commands.add_parser("env", help="print the environment fingerprint and determinism settings")
@@ -73,7 +82,7 @@ def run(arguments: argparse.Namespace) -> Report:
     if arguments.command == "compare":
         return compare_runs(arguments.run_a, arguments.run_b)
     if arguments.command == "reproduce":
-        return reproduce_run(arguments.manifest, arguments.output_dir, say=say)
+        return reproduce_run(arguments.manifest, arguments.output_dir, script=arguments.script, say=say)
     return environment_report(arguments.json)
 
 

@@ -6,11 +6,14 @@ environment (versions of Python, torch, torchvision, accelerate, NumPy, CUDA,
 cuDNN, the GPU model, the world size, torch's CPU thread count, the git commit) for the run's manifest;
 :func:`compare_fingerprints` lists what differs between two of them, so that a
 resumed or reproduced run can say why bitwise equality is no longer promised.
+:func:`environment_report` is ``python -m repro env``: the fingerprint of this
+process with the determinism settings and start-up variables it depends on.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -19,6 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from repro.determinism import determinism_settings
+from repro.distributed import launcher_world_size
+from repro.hashseed import hash_seed_is_fixed
+from repro.report import SAME, Report
 
 
 def _version(distribution: str) -> str | None:
@@ -99,3 +107,47 @@ def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> li
         if before != after:
             differences.append(f"{key}: {before!r} -> {after!r}")
     return differences
+
+
+def environment_facts() -> dict[str, Any]:
+    """What bitwise equality depends on in this process, as JSON-compatible data.
+
+    The environment fingerprint (with the git state of the current folder), the
+    determinism settings in force, and the two variables that only take effect
+    when a process starts: ``PYTHONHASHSEED`` and ``CUBLAS_WORKSPACE_CONFIG``.
+    """
+    return {
+        "environment": environment_fingerprint(launcher_world_size() or 1, Path.cwd()),
+        "determinism": determinism_settings(),
+        "python_hash_seed": os.environ.get("PYTHONHASHSEED"),
+        "python_hash_seed_fixed": hash_seed_is_fixed(),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+
+
+def environment_report(as_json: bool = False) -> Report:
+    """:func:`environment_facts` as readable lines, or as one JSON document."""
+    facts = environment_facts()
+    if as_json:
+        return Report(SAME, [json.dumps(facts, indent=2)])
+    lines = ["environment:"]
+    lines += [f"  {key}: {value}" for key, value in facts["environment"].items()]
+    lines.append("determinism settings of this process (train.py applies its --determinism mode at start-up):")
+    # The mode is None outside a training run, and CUBLAS_WORKSPACE_CONFIG gets its own line below.
+    shown = {
+        key: value for key, value in facts["determinism"].items() if key not in ("mode", "cublas_workspace_config")
+    }
+    lines += [f"  {key}: {value}" for key, value in shown.items()]
+    hash_seed = facts["python_hash_seed"]
+    if facts["python_hash_seed_fixed"]:
+        lines.append(f"PYTHONHASHSEED: {hash_seed} (fixed since this process started)")
+    else:
+        state = "not set" if hash_seed is None else f"{hash_seed!r}, not fixed for this process"
+        lines.append(f"PYTHONHASHSEED: {state}; train.py re-executes itself with it fixed")
+    cublas = facts["cublas_workspace_config"]
+    lines.append(
+        f"CUBLAS_WORKSPACE_CONFIG: {cublas}"
+        if cublas
+        else "CUBLAS_WORKSPACE_CONFIG: not set (strict mode sets :4096:8 before CUDA starts)"
+    )
+    return Report(SAME, lines)

@@ -69,6 +69,21 @@ BROKEN_RUNS: dict[str, tuple[Callable[[Path], object], str, str]] = {
     # name: (how run B is broken, what the error says, the file it names)
     "environment-list": (lambda run: edit_manifest(run, environment=["cpu"]), "must be a mapping", "manifest.json"),
     "environment-string": (lambda run: edit_manifest(run, environment="cpu"), "must be a mapping", "manifest.json"),
+    "manifest-other-format": (
+        lambda run: edit_manifest(run, format="repro.run"),
+        "is not a manifest of format 'repro.manifest', but 'repro.run'",
+        "manifest.json",
+    ),
+    "manifest-newer-version": (
+        lambda run: edit_manifest(run, version=2),
+        "manifest version 2 is not one this repro reads (1 to 1)",
+        "manifest.json",
+    ),
+    "result-neutral-keys-string": (
+        lambda run: edit_manifest(run, result_neutral_keys="num_workers"),
+        "'result_neutral_keys' must be a list of config key names",
+        "manifest.json",
+    ),
     "metrics-line-list": (
         lambda run: (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + "[1, 2]\n"),
         "line 3 is not a JSON object",

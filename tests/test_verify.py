@@ -15,9 +15,12 @@ from conftest import REPO, TINY, clean_env, free_port, read_manifest, train_ok
 
 from repro.__main__ import main
 from repro.augment import SeededAugmentation
+from repro.compare import compare_runs
 from repro.loader import GlobalBatchSampler
+from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report
+from repro.reproduce import reproduce_run
 from repro.seeds import SeedPlan
-from repro.verify import DIFFERENT, ERROR, SAME, CommandError, Report, compare_runs, reproduce_run, verify_command
+from repro.verify import verify_command
 
 BIN = Path(sys.executable).parent
 TRAIN = str(REPO / "train.py")
@@ -130,11 +133,26 @@ def test_verify_under_accelerate_launch_traces_every_rank(tmp_path, child_env):
 # --------------------------------------------------------------------------- guarantees
 
 
-def test_num_workers_do_not_change_the_weights(reference_run, tmp_path):
+def test_num_workers_do_not_change_the_weights(reference_run, tmp_path, capsys):
     expected = read_manifest(reference_run)["weights_sha256"]  # num_workers 0
     for workers in ("1", "3"):
         manifest = train_ok(tmp_path / f"workers-{workers}", "--num-workers", workers)
         assert manifest["weights_sha256"] == expected, f"num_workers={workers}"
+
+    # compare: the manifests name num_workers result-neutral, so the runs are the same result.
+    one_worker = tmp_path / "workers-1"
+    ignore_git_moves(reference_run, one_worker)
+    assert "num_workers" in read_manifest(one_worker)["result_neutral_keys"]
+    assert main(["compare", str(reference_run), str(one_worker)]) == SAME
+    printed = capsys.readouterr().out
+    assert "same result; the configs differ only in result-neutral keys: num_workers, output_dir" in printed
+    # A manifest that names no result-neutral keys (written before the field) ignores only the run's location.
+    manifest = read_manifest(one_worker)
+    del manifest["result_neutral_keys"]
+    (one_worker / "manifest.json").write_text(json.dumps(manifest))
+    report = compare_runs(reference_run, one_worker)
+    assert report.status == DIFFERENT, report.lines
+    assert report.lines[0].startswith("runs differ in: config ") and "  num_workers: 0 -> 1" in report.lines
 
 
 def _augment(image: torch.Tensor) -> torch.Tensor:
@@ -183,9 +201,7 @@ from torch import nn
 
 from repro.augment import SeededAugmentation
 from repro.loader import GlobalBatchSampler
-from repro.__main__ import main
 from repro.seeds import SeedPlan
-from repro.verify import DIFFERENT, ERROR, SAME, CommandError, Report, compare_runs, reproduce_run, verify_command
 
 
 def augment(image):
@@ -289,11 +305,12 @@ def test_compare_refuses_a_missing_run_folder(tmp_path):
 @pytest.fixture(scope="module")
 def reproduction(reference_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, Path]:
     """The reproduction of the reference run: its report, and the new run folder,
-    a second train.py run with the same seed and config."""
+    a second train.py run with the same seed and config, started from another folder than the checkout."""
     again = tmp_path_factory.mktemp("reproduce") / "again"
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_clean_env(monkeypatch)
-        report = reproduce_run(reference_run / "manifest.json", again)
+        monkeypatch.chdir(again.parent)  # outside the checkout: it runs the script it is given
+        report = reproduce_run(reference_run / "manifest.json", again, script=TRAIN)
     return report, again
 
 
@@ -311,6 +328,18 @@ def test_compare_finds_two_runs_of_one_seed_identical(reference_run, reproductio
     report = compare_runs(reference_run, again)
     assert report.status == SAME, report.lines
     assert report.lines[0].startswith("runs are identical")
+
+
+def test_reproduce_refuses_a_missing_script_in_one_line(reference_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # outside the checkout there is no ./train.py, the default script
+    for arguments in ([], ["--script", str(tmp_path / "mine.py")]):
+        assert main(["reproduce", str(reference_run), *arguments]) == ERROR
+        captured = capsys.readouterr()
+        script = arguments[-1] if arguments else "train.py"
+        assert captured.out == "" and captured.err == (
+            f"python -m repro reproduce: error: training script {script} not found; "
+            "name the run's script with --script PATH\n"
+        )
 
 
 @pytest.mark.parametrize("hostile", ["shell-syntax-values", "unknown-config-key"])
