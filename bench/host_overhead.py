@@ -55,16 +55,21 @@ import torch
 from torch import nn
 
 import train
+from cifar.build import build_loaders, make_accelerator
+from cifar.checkpoint import Progress, Training
 from cifar.config import TrainConfig
 from cifar.data import ImageArray, Splits
 from cifar.device_data import CROP_PADDING, augmentation_params
+from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
 from repro.determinism import configure_determinism
 from repro.seeds import SeedPlan
+from repro.stop import GracefulStop
 
 NUM_CLASSES = 10
 WHOLE_STEP, NEXT_BATCH, BATCH, TRAINING_STEP = "whole step", "next batch", "DeviceTrainBatches.batch", "training_step"
-OPTIMIZER = ("AcceleratedOptimizer.step", "LambdaLR.step", "AcceleratedOptimizer.zero_grad")
+FINISH_EPOCH = "finish_epoch"  # the epoch's evaluation and checkpoint: per-epoch work, left out of the step
+OPTIMIZER = ("optimizer.step", "scheduler.step", "optimizer.zero_grad")
 REST = "rest"
 
 
@@ -79,7 +84,7 @@ def tiny_splits(train_size: int, side: int) -> Splits:
     return Splits(split(train_size), split(64), NUM_CLASSES, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def build(args: argparse.Namespace, run_dir: Path) -> tuple[train.Training, train.Batches, train.Batches]:
+def build(args: argparse.Namespace, run_dir: Path) -> tuple[Training, train.Batches, train.Batches]:
     """train.py's training objects, as its ``main`` builds them, around a one-layer model."""
     config = dataclasses.replace(
         TrainConfig(),
@@ -91,15 +96,15 @@ def build(args: argparse.Namespace, run_dir: Path) -> tuple[train.Training, trai
         output_dir=str(run_dir),
     )
     run_dir.mkdir(parents=True)
-    accelerator = train.setup_distributed(config, run_dir)
+    accelerator = make_accelerator(config, run_dir)
     seeds = SeedPlan(config.seed)
     splits = tiny_splits(args.steps * args.batch_size, args.side)
-    train_batches, sampler, test_batches = train.build_loaders(config, splits, seeds, accelerator)
+    train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     torch.manual_seed(config.seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * args.side**2, NUM_CLASSES))
-    optimizer, scheduler = train.build_optimizer(config, model, len(sampler))
+    optimizer, scheduler = build_optimizer(config, model, len(sampler))
     model, optimizer = accelerator.prepare(model, optimizer)
-    training = train.Training(config, run_dir, accelerator, model, optimizer, scheduler, sampler)
+    training = Training(config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint())
     return training, train_batches, test_batches
 
 
@@ -140,7 +145,8 @@ class TimedBatches:
         iterator = iter(self.batches)
         while (batch := next_batch(iterator, None)) is not None:
             yield batch
-        self.clock.seconds[WHOLE_STEP] = time.thread_time() - start
+        # train.py closes an epoch after its last step, before asking for the end of its batches.
+        self.clock.seconds[WHOLE_STEP] = time.thread_time() - start - self.clock.seconds[FINISH_EPOCH]
         self.epochs.append(dict(self.clock.seconds))
         self.clock.seconds.clear()
 
@@ -157,18 +163,26 @@ def loop(args: argparse.Namespace, run_dir: Path) -> tuple[list[dict[str, float]
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     loss_sum = torch.zeros((), device=training.accelerator.device)
     # Wrapped on their classes for the run (as instance attributes they would end up
-    # in the scheduler's checkpointed state); train.py calls training_step through
-    # its module.
-    optimizer, scheduler = type(training.optimizer), type(training.scheduler)
-    wrapped = [(type(train_batches), "batch"), (optimizer, "step"), (scheduler, "step"), (optimizer, "zero_grad")]
+    # in the scheduler's checkpointed state); train.py calls training_step and
+    # finish_epoch through its module, and torch's optimizer itself when there is no scaler.
+    accelerated = training.accelerator.scaler is not None
+    optimizer = type(training.optimizer) if accelerated else type(training.optimizer.optimizer)
+    wrapped = [
+        (type(train_batches), "batch", BATCH),
+        (optimizer, "step", OPTIMIZER[0]),
+        (type(training.scheduler), "step", OPTIMIZER[1]),
+        (optimizer, "zero_grad", OPTIMIZER[2]),
+        (train, "training_step", TRAINING_STEP),
+        (train, "finish_epoch", FINISH_EPOCH),
+    ]
     with contextlib.ExitStack() as undo:
-        for owner, name in [*wrapped, (train, "training_step")]:
+        for owner, name, label in wrapped:
             original = getattr(owner, name)
-            label = name if owner is train else f"{owner.__name__}.{name}"
             setattr(owner, name, clock.wrap(label, original))
             undo.callback(setattr, owner, name, original)
+        stop = undo.enter_context(GracefulStop())
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            train.train(training, timed, test_batches, metrics, train.Progress(), loss_sum, None)
+            train.train(training, timed, test_batches, metrics, Progress(), loss_sum, None, stop)
     records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
     per_step = [{name: seconds / args.steps * 1e6 for name, seconds in epoch.items()} for epoch in timed.epochs]
     return per_step, [record["train_s"] / args.steps * 1e6 for record in records]

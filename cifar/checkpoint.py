@@ -1,4 +1,5 @@
-"""What train.py's checkpoints hold beyond :mod:`repro.checkpoint`'s, and its checks.
+"""train.py's checkpoints: saving and resuming a run through :mod:`repro.checkpoint`,
+what they hold beyond the library's, and the checks that a checkpoint continues this run.
 
 train.py saves through :class:`repro.checkpoint.Checkpointer`, with these
 progress values in ``state.json``: the epoch and position, the metrics of the
@@ -14,11 +15,27 @@ with each other or with the run.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from repro.checkpoint import Checkpoint, check_structure
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from cifar.config import TrainConfig, UsageError, config_differences, config_to_dict
+from cifar.lookahead import Lookahead
+from cifar.outputs import MetricsLog
+from repro.checkpoint import Checkpoint, Checkpointer, check_structure
 from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256, short
+from repro.fingerprint import compare_fingerprints, environment_fingerprint
+from repro.loader import GlobalBatchSampler
+from repro.manifest import CHECKPOINTS_DIR
+
+REPO = Path(__file__).resolve().parent.parent  # its git state goes into the environment fingerprint
 
 LOOKAHEAD_KEY = "lookahead"  # the tensor group of the lookahead's slow weights, when the run has them
 
@@ -111,3 +128,129 @@ def check_counters(
     if state["scaler"] is not None and scaler_state is not None:
         common = set(state["scaler"]) & set(scaler_state)
         check_structure(found, {k: state["scaler"][k] for k in common}, {k: scaler_state[k] for k in common}, "scaler")
+
+
+@dataclass
+class Progress:
+    """Where the run is: all a resumed run needs besides weights, optimizer and RNG."""
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    position: int = 0  # global batches of that epoch already trained
+    step: int = 0  # optimizer steps since the run began
+    records: list[dict] = field(default_factory=list)  # metrics of completed epochs
+
+
+@dataclass
+class Training:
+    """One run's training objects: what the loop steps and a checkpoint saves and restores."""
+
+    config: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: GlobalBatchSampler
+    dataset_sha256: str  # Splits.fingerprint(): a checkpoint resumes only on the data it was trained on
+    lookahead: Lookahead | None = None
+
+
+def checkpoints(training: Training) -> Checkpointer:
+    """The run's checkpoints (repro/checkpoint.py): the newest --keep-checkpoints and the best."""
+    return Checkpointer(
+        training.run_dir / CHECKPOINTS_DIR,
+        training.config.keep_checkpoints,
+        best_key="test_accuracy",
+        log=lambda note: training.accelerator.print(f"resume: {note}"),
+    )
+
+
+def lookahead_tensors(training: Training) -> dict[str, dict[str, torch.Tensor]]:
+    return {LOOKAHEAD_KEY: training.lookahead.slow} if training.lookahead is not None else {}
+
+
+def save_checkpoint(
+    training: Training, progress: Progress, loss_sum: torch.Tensor, test_accuracy: float | None = None
+) -> None:
+    """Write a checkpoint atomically: every rank its RNG state and loss sum, the main process the rest.
+
+    A write that fails stops every rank with a one-line CheckpointError naming the
+    folder; the checkpoints written before stay as they were.
+    """
+    config, accelerator, sampler = training.config, training.accelerator, training.sampler
+    checkpoints(training).save(
+        progress.step,
+        model=accelerator.unwrap_model(training.model),
+        optimizer=training.optimizer,
+        scheduler=training.scheduler,
+        sampler=sampler,
+        batches_consumed=progress.position - sampler.start_batch,
+        progress={
+            "epoch": progress.epoch,
+            "position": progress.position,
+            "records": progress.records,
+            "test_accuracy": test_accuracy,
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "config": config_to_dict(config),
+            "environment": environment_fingerprint(accelerator.num_processes, REPO),
+            "dataset_sha256": training.dataset_sha256,
+        },
+        rank_progress={"loss_sum": loss_sum.item()},
+        tensors=lookahead_tensors(training),
+    )
+
+
+def check_continues_run(training: Training, found: Checkpoint) -> None:
+    """Check, before anything is applied, that the checkpoint continues this run: the same
+    config (up to run-control keys) and data, and counters that fit this run's epochs.
+
+    Raises UsageError for an intact checkpoint of another run or other data (``--resume auto``
+    must not start afresh over it), CheckpointError for one that is damaged or altered.
+    """
+    config, accelerator = training.config, training.accelerator
+    check_schema(found)
+    changed = config_differences(found.state["config"], config)
+    if changed:
+        raise UsageError(f"cannot resume {found.path} with a different config: {'; '.join(changed)}")
+    if found.state["dataset_sha256"] != training.dataset_sha256:
+        raise UsageError(
+            f"cannot resume {found.path} on other data: it was trained on data with fingerprint "
+            f"{found.state['dataset_sha256'][:12]}, the {config.dataset} data loaded now "
+            f"(--data-dir {config.data_dir}) has {training.dataset_sha256[:12]}"
+        )
+    scaler_state = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    check_counters(found, len(training.sampler), training.sampler.state_dict(0), scaler_state)
+
+
+def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Tensor]:
+    """Restore everything from the checkpoint `--resume` names, or start afresh."""
+    config, accelerator = training.config, training.accelerator
+    loss_sum = torch.zeros((), device=accelerator.device)
+    if config.resume is None:
+        return Progress(), loss_sum
+    restored = checkpoints(training).restore(
+        config.resume,
+        model=accelerator.unwrap_model(training.model),
+        optimizer=training.optimizer,
+        scheduler=training.scheduler,
+        sampler=training.sampler,
+        tensors=lookahead_tensors(training),
+        check=functools.partial(check_continues_run, training),
+    )
+    if restored is None:
+        accelerator.print("resume: no checkpoint yet; starting from scratch")
+        return Progress(), loss_sum
+    state = restored.progress
+    for difference in compare_fingerprints(
+        state["environment"], environment_fingerprint(accelerator.num_processes, REPO)
+    ):
+        warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if restored.rank_progress is not None:
+        loss_sum = torch.tensor(restored.rank_progress["loss_sum"], device=accelerator.device)
+    progress = Progress(state["epoch"], state["position"], restored.step, state["records"])
+    if accelerator.is_main_process:
+        metrics.rewrite(progress.records)
+    accelerator.print(f"resumed from {restored.path} at step {progress.step} (epoch {progress.epoch + 1})")
+    return progress, loss_sum

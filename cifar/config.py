@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A bad config file, key or value: reported as one line, exit status 2."""
 
 
+class UsageError(Exception):
+    """A mistake in how the run was started (launcher, folder, data, checkpoint of another run):
+    reported as one line, exit status 2."""
+
+
 # A config is a short flat mapping; a larger file is a mistake or an attack, refused before it is read.
 MAX_CONFIG_BYTES = 1 << 20
 

@@ -7,9 +7,9 @@ prints one JSON line for each: ``{"status": 0, "steps": N, "calls":
 {"Tensor.item at train.py:123": count, ...}}``, where ``steps`` counts the
 batches handed to the loop inside the counting window and each call is named
 with the innermost line of this repository's code that made it. The window of
-an epoch opens when its first batch is handed to the loop and closes when the
-batches run out: it covers every step and the production of every batch after
-the first, and leaves out what an epoch's end does once (the loss read-out,
+an epoch opens when its first batch is handed to the loop and closes when
+train.py closes the epoch (``train.finish_epoch``) or the batches run out: it
+covers every step and the production of every batch after the first, and leaves out what an epoch's end does once (the loss read-out,
 the evaluation, the checkpoint).
 
 On a CPU none of these calls waits for anything, so the probe counts calls
@@ -108,7 +108,7 @@ class Watched:
 
 
 def install(window: Window) -> None:
-    """Patch the counters in, and the window around train.py's training batches."""
+    """Patch the counters in, and the window around the steps of train.py's training batches."""
     for owner, name in SYNCHRONISING:
         label = f"{getattr(owner, '__name__', owner)}.{name}"
         setattr(owner, name, counting(window, label, getattr(owner, name)))
@@ -120,6 +120,16 @@ def install(window: Window) -> None:
         return Watched(train_batches, window), sampler, test_batches
 
     train.build_loaders = watched_loaders
+    finish_epoch = train.finish_epoch
+
+    @functools.wraps(finish_epoch)
+    def outside_the_steps(*args: Any, **kwargs: Any) -> Any:
+        # train.py closes an epoch (its evaluation, record and checkpoint wait for the device,
+        # as they may) after the last step, before it asks for the end of the epoch's batches.
+        window.open = False
+        return finish_epoch(*args, **kwargs)
+
+    train.finish_epoch = outside_the_steps
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,195 @@
+"""Build a run's objects from its config: the Accelerator, the run folder, the
+batches and the model. train.py calls these in order; each checks what it can
+refuse with one line (UsageError) before anything is written or trained.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from cifar import tracking
+from cifar.config import ConfigError, TrainConfig, UsageError, resolve_mixed_precision
+from cifar.data import (
+    TRAIN_TRANSFORM_GENERATORS,
+    Splits,
+    Transformed,
+    evaluation_shard,
+    test_transform,
+    train_transform,
+)
+from cifar.device_data import DeviceTestBatches, DeviceTrainBatches, normalize
+from cifar.models import SpeedrunNet, build_model
+from cifar.outputs import claim_run_dir, run_dir_of
+from repro.audit import audit_model
+from repro.augment import SeededAugmentation
+from repro.checkpoint import Checkpointer
+from repro.distributed import launcher_world_size
+from repro.loader import GlobalBatchSampler, WorkerSeeder
+from repro.manifest import CHECKPOINTS_DIR
+from repro.seeds import TEST_LOADER_STREAM, TRAIN_LOADER_STREAM, SeedPlan
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+    """Create the Accelerator in the resolved precision; refuse processes that each believe they are alone."""
+    tracker, tracker_note = tracking.choose_tracker(config.log_with)
+    cuda = torch.cuda.is_available()
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        accelerator = Accelerator(
+            # Without cpu=True on a machine without CUDA, `accelerate launch --multi_gpu`
+            # starts processes that each see a world of one and write the same folder.
+            cpu=not cuda,
+            mixed_precision=resolve_mixed_precision(config.mixed_precision, cuda, native_bf16),
+            log_with=tracker,
+            project_dir=tracking.project_dir(tracker, run_dir),
+        )
+    except ValueError as error:  # accelerate's word on launcher variables that do not fit together
+        raise UsageError(f"cannot form the process group: {error}") from None
+    if tracker_note is not None:
+        accelerator.print(tracker_note)
+    declared = launcher_world_size()
+    # accelerate's MULTI_CPU launcher without mpirun starts one process and sets
+    # only MASTER_ADDR for the others it expects: no rank variable tells.
+    if declared is None and "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ:
+        raise UsageError(
+            "accelerate launch asked for several processes but started one (MULTI_CPU needs mpirun); "
+            "use `accelerate launch --config_file configs/accelerate/cpu_gloo.yaml`"
+        )
+    if declared is not None and declared != accelerator.num_processes:
+        raise UsageError(
+            f"the launcher started {declared} processes but they formed a group of "
+            f"{accelerator.num_processes}; on a CPU-only machine use "
+            "`accelerate launch --config_file configs/accelerate/cpu_gloo.yaml`"
+        )
+    per_process, remainder = divmod(config.batch_size, accelerator.num_processes)
+    if remainder or per_process % config.grad_accum_steps:
+        raise UsageError(
+            f"--batch-size {config.batch_size} (global) must split evenly over {accelerator.num_processes} "
+            f"processes and then into {config.grad_accum_steps} accumulation chunks"
+        )
+    if config.sync_bn and accelerator.num_processes > 1 and accelerator.device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU")
+    return accelerator
+
+
+def claim_run_folder(config: TrainConfig, accelerator: Accelerator) -> Path:
+    """Claim the run folder on the main process, which holds its lock until it exits
+    (cifar/outputs.py: claim_run_dir), and remove staging folders of interrupted checkpoints.
+
+    Every rank learns the main process's verdict and, if it refused the folder,
+    stops with the same one-line error: none waits for a process that gave up.
+    """
+    run_dir = run_dir_of(config)
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            claim_run_dir(run_dir, config)
+        except ConfigError as error:
+            refusal = str(error)
+        else:
+            for stale in Checkpointer(run_dir / CHECKPOINTS_DIR).remove_stale_staging():
+                accelerator.print(f"removed {stale}, a checkpoint interrupted while being written")
+    [refusal] = broadcast_object_list([refusal])
+    if refusal is not None:
+        raise UsageError(refusal)
+    return run_dir
+
+
+Batches = DataLoader | DeviceTrainBatches | DeviceTestBatches
+
+
+def build_loaders(
+    config: TrainConfig, splits: Splits, seeds: SeedPlan, accelerator: Accelerator
+) -> tuple[Batches, GlobalBatchSampler, Batches]:
+    """The training batches draw their order and augmentation from the seed plan alone;
+    the test batches are this rank's share of the test set, each image once."""
+    if config.batch_size > len(splits.train):
+        raise UsageError(
+            f"--batch-size {config.batch_size} is larger than the training set ({len(splits.train)} images)"
+        )
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    sampler = GlobalBatchSampler(len(splits.train), config.batch_size, seeds, rank=rank, world_size=world_size)
+    if config.data_pipeline == "device":
+        device, stats = accelerator.device, (splits.mean, splits.std)
+        train_batches = DeviceTrainBatches(
+            splits.train,
+            sampler,
+            seeds,
+            *stats,
+            config.cutout,
+            device,
+            padding=config.crop_padding,
+            padding_mode=config.padding_mode,
+            flip=config.flip,
+        )
+        test_batches = DeviceTestBatches(splits.test, rank, world_size, config.batch_size // world_size, *stats, device)
+        return train_batches, sampler, test_batches
+    transform = train_transform(splits, config.cutout, config.crop_padding, config.padding_mode)
+    train_set = SeededAugmentation(splits.train, transform, seeds, generators=TRAIN_TRANSFORM_GENERATORS)
+    common = {
+        "num_workers": config.num_workers,
+        "pin_memory": accelerator.device.type == "cuda",
+        "persistent_workers": config.num_workers > 0,
+        "worker_init_fn": WorkerSeeder(seeds, rank),
+    }
+    train_loader = DataLoader(
+        train_set, batch_sampler=sampler, generator=seeds.generator(TRAIN_LOADER_STREAM, rank), **common
+    )
+    test_shard = evaluation_shard(len(splits.test), rank, world_size)
+    test_set = Subset(Transformed(splits.test, test_transform(splits)), test_shard)
+    test_loader = DataLoader(
+        test_set,
+        batch_size=config.batch_size // world_size,
+        shuffle=False,
+        generator=seeds.generator(TEST_LOADER_STREAM, rank),
+        **common,
+    )
+    return train_loader, sampler, test_loader
+
+
+WHITENING_IMAGES = 5000  # training images the whitening layer is computed from, as airbench
+
+
+def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accelerator: Accelerator) -> nn.Module:
+    """Initialise the weights from the model stream: identical on every rank,
+    without touching the runtime stream (dropout) of this process. The speedrun
+    net's whitening layer is computed from training images that the whitening
+    stream chooses."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seeds.model())
+        model = build_model(config.model, splits.num_classes)
+    if isinstance(model, SpeedrunNet):
+        chooser = torch.Generator().manual_seed(seeds.whitening())
+        count = min(WHITENING_IMAGES, len(splits.train))
+        chosen = torch.randperm(len(splits.train), generator=chooser)[:count].sort().values
+        stats = [torch.tensor(values).view(1, -1, 1, 1) for values in (splits.mean, splits.std)]
+        model.init_whitening(normalize(splits.train.images[chosen], *stats))
+    if config.determinism == "strict":
+        findings = audit_model(model)
+        if findings:
+            raise UsageError("model has no deterministic CUDA implementation: " + "; ".join(map(str, findings)))
+    if config.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last(config, accelerator):
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if config.compile else model
+
+
+def channels_last(config: TrainConfig, accelerator: Accelerator) -> bool:
+    return config.channels_last and accelerator.device.type == "cuda"
+
+
+def to_device(
+    images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, accelerator: Accelerator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to the device, in the model's memory layout."""
+    memory_format = torch.channels_last if channels_last(config, accelerator) else torch.contiguous_format
+    images = images.to(accelerator.device, non_blocking=True).contiguous(memory_format=memory_format)
+    return images, labels.to(accelerator.device, non_blocking=True)
