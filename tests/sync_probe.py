@@ -9,8 +9,9 @@ batches handed to the loop inside the counting window and each call is named
 with the innermost line of this repository's code that made it. The window of
 an epoch opens when its first batch is handed to the loop and closes when
 train.py closes the epoch (``train.finish_epoch``) or the batches run out: it
-covers every step and the production of every batch after the first, and leaves out what an epoch's end does once (the loss read-out,
-the evaluation, the checkpoint).
+covers every step and the production of every batch after the first, and
+leaves out what an epoch's end does once (the loss read-out, the evaluation,
+the checkpoint).
 
 On a CPU none of these calls waits for anything, so the probe counts calls
 rather than time: each one, on a GPU, would make the host wait for the queued
