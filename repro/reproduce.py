@@ -99,8 +99,8 @@ def reproduce_run(
     ]
     if world_size != 1:
         warnings.append(
-            f"warning: the run used {world_size} processes and this re-run uses one: "
-            "weights agree only within floating-point tolerance across world sizes"
+            f"warning: the run used {world_size} processes and this re-run uses one: the same samples per step, "
+            "but other weights (summation order; per-process BatchNorm unless sync_bn), so weights_sha256 will differ"
         )
     for warning in warnings:
         say(warning)

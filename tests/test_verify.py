@@ -250,8 +250,9 @@ if world_size > 1:
     os._exit(0)
 """
 
-# Summation order differs between one process and an all-reduce of two: agreement
-# within this tolerance is promised (bitwise is not); another seed is far outside it.
+# Summation order differs between one process and an all-reduce of two: for this
+# BatchNorm-free net they agree within this tolerance (bitwise they do not; with
+# BatchNorm they differ more, README: Guarantees); another seed is far outside it.
 WORLD_SIZE_TOLERANCE = 1e-4
 
 
