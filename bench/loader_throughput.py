@@ -1,7 +1,7 @@
 """Throughput of train.py's training batches: the DataLoader at 0, 1 and 2 workers, and the device pipeline.
 
 The batches are the ones train.py trains from, built by its own
-``build_loaders`` in its default strict mode: the DataLoader pipeline
+``cifar.build.build_loaders`` in its default strict mode: the DataLoader pipeline
 (per-sample seeded augmentation, the seeded global batch sampler, worker
 seeding) at each worker count, and ``--data-pipeline device`` (the images on
 the device, augmented there in batches; on the CPU here, on the GPU when CUDA
@@ -29,7 +29,7 @@ import benchlib
 import torch
 from accelerate import Accelerator
 
-import train
+from cifar.build import build_loaders
 from cifar.config import TrainConfig
 from cifar.data import Splits, imagefolder, synthetic
 from repro.determinism import configure_determinism
@@ -39,7 +39,7 @@ from repro.seeds import SeedPlan
 def measure(config: TrainConfig, splits: Splits, accelerator: Accelerator, batches: int) -> dict[str, float]:
     """Start-up seconds to the first batch, then images/s over the next ``batches``."""
     started = time.perf_counter()
-    loader, _, _ = train.build_loaders(config, splits, SeedPlan(config.seed), accelerator)
+    loader, _, _ = build_loaders(config, splits, SeedPlan(config.seed), accelerator)
     iterator = iter(loader)
     next(iterator)
     first = time.perf_counter()

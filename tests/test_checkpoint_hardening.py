@@ -341,6 +341,7 @@ def test_resume_from_a_path_that_is_not_a_checkpoint_folder_says_so(tmp_path):
         checkpoint.load(tmp_path / "missing")
 
 
+@pytest.mark.slow  # test_checkpoint_api.py checks the restored draws; test_example_plain.py resumes a dropout model
 def test_resume_restores_the_rng_that_dropout_draws_from(tmp_path):
     dropout = ("--model", "small_cnn_dropout", "--epochs", "1")
     reference, run_dir = tmp_path / "reference", tmp_path / "run"

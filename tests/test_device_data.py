@@ -117,6 +117,7 @@ def device_reference(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow  # test_speedrun.py kills and resumes a run of the device pipeline
 def test_device_pipeline_resumes_bitwise_after_kill_9(device_reference, tmp_path):
     run_dir = tmp_path / "run"
     args = (*DEVICE, "--cutout", "8", "--checkpoint-every", "1", "--resume", "auto")

@@ -70,6 +70,7 @@ def test_two_process_run_repeats_bitwise(two_process_run, tmp_path):
     assert read_manifest(tmp_path / "again")["weights_sha256"] == read_manifest(two_process_run)["weights_sha256"]
 
 
+@pytest.mark.slow  # the SIGTERM test below stops two processes and resumes them to the same weights
 def test_two_process_run_resumes_bitwise(two_process_run, tmp_path):
     run_dir = tmp_path / "run"
     launch_two_processes(run_dir, "--max-steps", "5")

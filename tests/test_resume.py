@@ -25,6 +25,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(reference))
 
 
+@pytest.mark.slow  # test_trackers.py's resume test stops a run the same way and checks the same result
 def test_stop_mid_epoch_with_max_steps_then_resume_latest(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     stopped = train_ok(run_dir, "--max-steps", "5")  # epoch 1 has 8 steps
@@ -34,6 +35,7 @@ def test_stop_mid_epoch_with_max_steps_then_resume_latest(reference_run, tmp_pat
     assert_same_run(run_dir, reference_run)
 
 
+@pytest.mark.slow  # test_example_plain.py resumes with 0 workers a run begun with 2
 def test_resume_with_workers_gives_the_same_weights(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     train_ok(run_dir, "--max-steps", "11", "--num-workers", "2")
@@ -86,6 +88,7 @@ def test_killed_between_the_last_checkpoint_and_the_final_files_resume_writes_th
     assert (run_dir / "curves.png").is_file()
 
 
+@pytest.mark.slow  # test_distributed_runs.py signals one rank of two, through the same path
 def test_sigterm_checkpoints_within_a_step_and_resume_matches(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     process = start_training(run_dir, "--checkpoint-every", "3")
@@ -121,6 +124,7 @@ def test_corrupt_checkpoint_is_refused_and_auto_falls_back(reference_run, tmp_pa
     assert_same_run(run_dir, reference_run)
 
 
+@pytest.mark.slow  # test_checkpoint_api.py refuses altered files; test_run_folder.py changed settings
 def test_incompatible_format_and_changed_config_are_refused(tmp_path):
     run_dir, checkpoints = stopped_run(tmp_path)
     result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "latest", "--lr", "0.1")

@@ -97,9 +97,10 @@ def test_output_folder_of_another_run_is_refused_unless_overwrite(reference_run)
     assert (reference_run / "manifest.json").read_bytes() == before
 
 
-def test_import_repro_needs_neither_accelerate_nor_torchvision():
+def test_import_repro_needs_neither_accelerate_nor_torchvision_nor_the_pipeline():
+    blocked = ("accelerate", "torchvision", "cifar", "train")  # repro is a library: cifar/ and train.py use it
     code = (
-        "import sys; sys.modules['accelerate'] = None; sys.modules['torchvision'] = None\n"
+        f"import sys; sys.modules.update(dict.fromkeys({blocked!r}))\n"
         "import repro, importlib, pkgutil\n"
         "for m in pkgutil.iter_modules(repro.__path__): importlib.import_module('repro.' + m.name)\n"
         "print(sorted(repro.__all__)[0])"
