@@ -65,6 +65,7 @@ def test_a_test_set_that_two_ranks_cannot_split_evenly_counts_each_image_once(tm
     assert [row["test_images"] for row in read_metrics(run_dir)] == [101]
 
 
+@pytest.mark.slow  # the resume tests compare two-process runs of their own against this fixture's
 def test_two_process_run_repeats_bitwise(two_process_run, tmp_path):
     launch_two_processes(tmp_path / "again")
     assert read_manifest(tmp_path / "again")["weights_sha256"] == read_manifest(two_process_run)["weights_sha256"]

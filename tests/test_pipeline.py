@@ -146,12 +146,16 @@ def test_diverging_loss_stops_with_a_clear_message(tmp_path):
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
-def test_gradient_accumulation_and_bf16_repeat_bitwise(reference_run, tmp_path):
+def test_gradient_accumulation_repeats_bitwise(reference_run, tmp_path):
     accumulated = [train_ok(tmp_path / f"accum{i}", "--grad-accum-steps", "2") for i in range(2)]
     assert accumulated[0]["weights_sha256"] == accumulated[1]["weights_sha256"]
     # BatchNorm sees half batches, so accumulation really changed the computation.
     reference = (reference_run / "manifest.json").read_text()
     assert accumulated[0]["weights_sha256"] not in reference
+
+
+@pytest.mark.slow  # bf16 autocast is slow on the CPU; stage b of bench/gpu_check.sh repeats bf16 runs on CUDA
+def test_bf16_repeats_bitwise(tmp_path):
     bf16 = [train_ok(tmp_path / f"bf16{i}", "--mixed-precision", "bf16", "--max-steps", "4") for i in range(2)]
     assert bf16[0]["weights_sha256"] == bf16[1]["weights_sha256"]
     assert bf16[0]["config"]["mixed_precision"] == "bf16"
