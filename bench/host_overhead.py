@@ -162,11 +162,12 @@ def loop(args: argparse.Namespace, run_dir: Path) -> tuple[list[dict[str, float]
     timed = TimedBatches(train_batches, clock)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     loss_sum = torch.zeros((), device=training.accelerator.device)
-    # Wrapped on their classes for the run (as instance attributes they would end up
-    # in the scheduler's checkpointed state); train.py calls training_step and
-    # finish_epoch through its module, and torch's optimizer itself when there is no scaler.
-    accelerated = training.accelerator.scaler is not None
-    optimizer = type(training.optimizer) if accelerated else type(training.optimizer.optimizer)
+    # The scheduler is wrapped on its class for the run (as an instance attribute the
+    # wrapper would end up in its checkpointed state); the optimizer on the instance
+    # train.py calls (torch's own when there is no scaler), whose step accelerate has
+    # already replaced by an instance attribute; training_step and finish_epoch
+    # through train.py's module.
+    optimizer = training.optimizer if training.accelerator.scaler is not None else training.optimizer.optimizer
     wrapped = [
         (type(train_batches), "batch", BATCH),
         (optimizer, "step", OPTIMIZER[0]),
