@@ -9,6 +9,8 @@ draws 0 with 2 processes: it shards the per-rank batches a second time).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,7 +25,9 @@ loader = accelerator.prepare(DataLoader(dataset, batch_sampler=sampler))
 try:
     drawn = sum(len(batch[0]) for batch in loader)
 except RuntimeError as error:
-    print(f"rank {accelerator.process_index} refused: {error}", flush=True)
+    line = f"rank {accelerator.process_index} refused: {error}\n"
 else:
-    print(f"rank {accelerator.process_index} drew {drawn} samples", flush=True)
+    line = f"rank {accelerator.process_index} drew {drawn} samples\n"
+sys.stdout.write(line)  # one write, so that the other rank's line cannot split it
+sys.stdout.flush()
 accelerator.end_training()

@@ -32,6 +32,6 @@ def test_accelerate_example_trains_each_rank_on_its_share_and_repeats_bitwise():
 
 def test_preparing_a_repro_loader_raises_instead_of_training_on_nothing():
     output = launch_two_processes(REPO / "tests" / "double_shard_probe.py")
-    refusals = re.findall(r"rank (\d) refused: (.*)", output)
-    assert sorted(rank for rank, _ in refusals) == ["0", "1"], output
-    assert all("do not pass its DataLoader to accelerator.prepare" in message for _, message in refusals)
+    # Both ranks print to one pipe, so their lines may interleave: count, do not split by line.
+    assert sorted(re.findall(r"rank (\d) refused: ", output)) == ["0", "1"], output
+    assert output.count("do not pass its DataLoader to accelerator.prepare") == 2, output
