@@ -40,6 +40,13 @@ f. With a CIFAR-10 folder: the speedrun recipe (``configs/cifar10_speedrun.yaml`
    bare training step at batch 1024 in bf16 strict (as stage c measures) and
    train.py's rate over epochs 2 on against it (target >= 0.9).
 
+h. Host time per step of train.py's own loop on this machine
+   (bench/host_overhead.py: the device pipeline at batch 1024 on a one-layer
+   model, so that the GPU's work is negligible and what is left is the host's),
+   each part of the step, and a cProfile of one epoch in the log
+   (``host_overhead.log``): where the host time that keeps train.py below the
+   bare step goes. Not in the default set; about a minute.
+
 ``--stages`` picks the stages and their order (default ``abcdef``).
 
 It installs nothing and needs no network. What is missing is skipped with a
@@ -361,6 +368,28 @@ def stage_d(report: Report, out: Path, smoke: bool) -> None:
             report.add("d", name, verdict, f"{speed:.0f} img/s; resnet9 bf16 strict trains {trained:.0f} img/s")
 
 
+def stage_h(report: Report, out: Path, smoke: bool) -> None:
+    """train.py's host time per step (bench/host_overhead.py), its parts, and a cProfile in the log."""
+    json_path = out / "host_overhead.json"
+    command = [sys.executable, str(benchlib.REPO / "bench" / "host_overhead.py"), "--profile", "40",
+               "--json", str(json_path)]  # fmt: skip
+    if smoke:
+        command += ["--steps", "3", "--repeats", "1", "--batch-size", "64"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    (out / "host_overhead.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        report.add("h", "host time per step", "FAIL", last_line[:160])
+        return
+    epochs = json.loads(json_path.read_text())["us_per_step"]
+    parts = {name: median(epoch.get(name, 0.0) for epoch in epochs) for name in epochs[0]}
+    report.figures["h_host_us_per_step"] = parts
+    whole = parts.pop("whole step")
+    parts.pop("finish_epoch", None)  # the epoch's evaluation and checkpoint, once an epoch: not the step's
+    largest = ", ".join(f"{name} {value:.0f}" for name, value in sorted(parts.items(), key=lambda item: -item[1])[:4])
+    report.add("h", "host time per step", "measured", f"{whole:.0f} µs (target <= 1000); {largest}")
+
+
 def stage_e(report: Report, out: Path, data: Path, smoke: bool, deadline: float) -> None:
     """The fast config on CIFAR-10 images, as shipped (full precision) and, if the
     time budget allows, in bf16 autocast: test accuracy, training seconds, wall time."""
@@ -515,13 +544,14 @@ def main() -> int:
         "d": lambda: stage_d(report, args.out, args.cpu_smoke),
         "e": lambda: stage_e(report, args.out, args.data, args.cpu_smoke, deadline=started + args.budget_s),
         "f": lambda: stage_f(report, device, args.out, args.data, args.cpu_smoke),
+        "h": lambda: stage_h(report, args.out, args.cpu_smoke),
     }
     unknown = set(args.stages) - set(stages)
     if unknown:
         print(f"gpu_check: unknown stages {''.join(sorted(unknown))}; stages are {''.join(stages)}", file=sys.stderr)
         return 2
     for stage in args.stages:
-        if stage in "bdef" and missing:
+        if stage in "bdefh" and missing:
             report.add(stage, "train.py", "skipped", f"train.py needs {', '.join(missing)} (missing)")
         elif stage in "ef" and args.data is None:
             report.add(stage, "CIFAR-10 runs", "skipped", "no CIFAR-10 folder given")
