@@ -184,7 +184,7 @@ def test_speedrun_resumes_bitwise_after_kill_9(speedrun_reference, tmp_path):
     while process.poll() is None and latest_step(run_dir) < 4:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL, "the run ended before the kill: nothing was resumed"
     train_ok(run_dir, *args)
     assert_same_run(run_dir, speedrun_reference)
 
