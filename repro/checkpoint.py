@@ -37,6 +37,7 @@ from torch import nn
 
 from repro import checkpoint_format as fmt
 from repro.checkpoint_format import Checkpoint, CheckpointError, short
+from repro.files import first_line
 from repro.loader import GlobalBatchSampler
 from repro.rng import capture_rng_state, restore_rng_state
 
@@ -285,8 +286,9 @@ def _read_checked(
         _check_tensors(found, saved, tensors[name], where)
     _check_optimizer(found, content, optimizer, scheduler_lrs)
     rank_states = {rank: found.rank_state(rank) for rank in found.ranks}
+    current = capture_rng_state()
     for rank, rank_state in rank_states.items():
-        _check_rng_state(found, rank_state["rng"], f"rank-{rank}.json")
+        _check_rng_state(found, rank_state["rng"], f"rank-{rank}.json", current)
     return {"model": model_state, "optimizer": content, "tensors": extra, "rank": rank_states.get(_rank())}
 
 
@@ -393,20 +395,20 @@ def _check_optimizer(
                 raise found.error(f"{name}: {field} of parameter {key} is {short(value)}")
 
 
-def _check_rng_state(found: Checkpoint, state: Any, name: str) -> None:
+def _check_rng_state(found: Checkpoint, state: Any, name: str, current: dict[str, Any]) -> None:
     """Raise unless :func:`restore_rng_state` would restore ``state`` here.
 
     The CPU generators are checked by restoring them, which runs every check they have,
     and putting the current states back; the CUDA ones by their device index and length,
-    as restoring another device's state would start a CUDA context on it.
+    as restoring another device's state would start a CUDA context on it. ``current`` is
+    this process's :func:`capture_rng_state`, put back after each check.
     """
     if not isinstance(state, dict) or not isinstance(state.get("cuda"), dict):
         raise found.error(f"{name} does not hold a repro.rng state")
-    current = capture_rng_state()
     try:
         restore_rng_state({**state, "cuda": {}})
     except Exception as error:  # each generator rejects a bad state with its own exception type
-        raise found.error(f"{name}: the RNG state cannot be restored ({fmt.first_line(error)})") from None
+        raise found.error(f"{name}: the RNG state cannot be restored ({first_line(error)})") from None
     finally:
         restore_rng_state(current)
     devices = torch.cuda.device_count()

@@ -28,7 +28,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +37,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from repro.files import RunFileError, first_line, parse_json, read_text
 
 FORMAT = "repro.checkpoint"
 VERSION = 2  # 2: state.json is hashed
@@ -65,12 +67,6 @@ def short(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut short: a hostile file must not make a huge error line."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, cut short, or its type's name."""
-    text = str(error).strip()
-    return short(text.splitlines()[0], 200) if text else type(error).__name__
 
 
 def is_count(value: Any) -> bool:
@@ -113,7 +109,7 @@ class Checkpoint:
     @property
     def ranks(self) -> list[int]:
         """The ranks whose files the checkpoint holds."""
-        return sorted(int(match[1]) for name in self.state["files"] if (match := _RANK_FILE.fullmatch(name)))
+        return _ranks(self.state["files"])
 
     def error(self, problem: str) -> CheckpointError:
         """A :class:`CheckpointError` naming this checkpoint: raise it when its content is wrong."""
@@ -142,12 +138,23 @@ class Checkpoint:
         """``rank-R.json``: a mapping holding ``rng`` and the rank's progress values."""
         name = f"rank-{rank}.json"
         try:
-            data = json.loads((self.path / name).read_text())
-        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
+            data = _read_json(self.path / name)
+        except RunFileError as error:
             raise self.error(f"{name} is not readable JSON ({first_line(error)})") from None
         if not isinstance(data, dict) or "rng" not in data:
             raise self.error(f"{name} does not hold an RNG state")
         return data
+
+
+def _read_json(file: Path) -> Any:
+    """A checkpoint's JSON file, read as repro.files reads a run folder's: no link or special
+    file (a state.json linked to /dev/zero would never end), within its size and shape bounds."""
+    return parse_json(read_text(file), str(file))
+
+
+def _ranks(names: Iterable[str]) -> list[int]:
+    """The ranks of the ``rank-R.json`` files among ``names``, in order."""
+    return sorted(int(match[1]) for name in names if (match := _RANK_FILE.fullmatch(name)))
 
 
 def _sha256(path: Path) -> str:
@@ -240,16 +247,15 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder (it is a file)")
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except FileNotFoundError:
+    state_file = path / STATE_FILE
+    if not state_file.exists() and not state_file.is_symlink():
         raise CheckpointError(
             f"{path} is not a checkpoint folder: it has no {STATE_FILE} (incomplete, or not a checkpoint)"
-        ) from None
-    except OSError as error:
-        raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE} ({error})") from None
-    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is corrupt ({first_line(error)})") from None
+        )
+    try:
+        state = _read_json(state_file)
+    except RunFileError as error:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} cannot be read ({first_line(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint")
     if state.get("version") != VERSION:
@@ -273,7 +279,7 @@ def _read_state(path: Path) -> dict[str, Any]:
 def _check_files(path: Path, files: dict[str, str]) -> None:
     """The folder holds exactly the files ``state.json`` lists, each with its recorded SHA-256."""
     names = set(files)
-    ranks = sorted(int(match[1]) for name in names if (match := _RANK_FILE.fullmatch(name)))
+    ranks = _ranks(names)
     required = {MODEL_FILE, OPTIMIZER_FILE, "rank-0.json"}
     if not required <= names or ranks != list(range(len(ranks))):
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} does not list the files of a checkpoint")
@@ -355,8 +361,8 @@ def resolve(directory: Path, mode: str, open_checkpoint: Callable[[Path], T]) ->
 def _recorded(path: Path, key: str) -> float | None:
     """The number a checkpoint's ``state.json`` records under ``key``, if readable."""
     try:
-        value = json.loads((path / STATE_FILE).read_text()).get(key)
-    except (OSError, UnicodeDecodeError, RecursionError, AttributeError, json.JSONDecodeError):
+        value = _read_json(path / STATE_FILE).get(key)
+    except (RunFileError, AttributeError):
         return None
     return value if is_number(value) else None
 

@@ -44,10 +44,17 @@ class RunFileError(CommandError):
     """A file that cannot be read as asked (missing, a link, not UTF-8, malformed, past a bound): one line."""
 
 
+FIRST_LINE_CHARACTERS = 200  # an error message quoted from a file's parser: its reader's line stays short
+
+
 def first_line(error: BaseException) -> str:
-    """An error's message cut to its first line: reports of a bad file stay one line long."""
-    lines = str(error).splitlines()
-    return lines[0] if lines else type(error).__name__
+    """An error's message cut to its first line and 200 characters, or its type's name:
+    reports of a bad file stay one line long, whatever the file holds."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    line = lines[0]
+    return line if len(line) <= FIRST_LINE_CHARACTERS else line[: FIRST_LINE_CHARACTERS - 3] + "..."
 
 
 def open_regular(path: Path) -> BinaryIO:
@@ -227,7 +234,7 @@ def parse_yaml_mapping(text: str, where: str, *, flat: bool = False) -> dict[str
     except RecursionError:
         raise RunFileError(f"{where} is nested too deeply to read") from None
     except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer of more digits than Python converts
-        raise RunFileError(f"{where} is not valid YAML: {first_line(error)[:200]}") from None
+        raise RunFileError(f"{where} is not valid YAML: {first_line(error)}") from None
     if data is None:
         return {}
     check_shape(data, where)

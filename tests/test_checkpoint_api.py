@@ -90,3 +90,20 @@ def test_save_restore_keep_and_resolve(tmp_path):
                         tensors={"ema": ema})  # fmt: skip
     with pytest.raises(ValueError, match="progress keys must be strings other than"):
         manager.save(6, **run, progress={"step": 6})
+
+
+def test_a_state_or_rank_file_linked_to_an_endless_file_is_refused_at_once(tmp_path):
+    # Read unbounded, /dev/zero would never end: a checkpoint's JSON files are read as regular files only.
+    manager = Checkpointer(tmp_path / "checkpoints", keep=3)
+    run = make_run()
+    for step in (1, 2):
+        train_step(run)
+        manager.save(step, **run)
+    newest, older = manager.checkpoints()[-1], manager.checkpoints()[0]
+    (newest / "state.json").unlink()
+    (newest / "state.json").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=r"state\.json cannot be read \(.*symbolic link"):
+        manager.restore("latest", **make_run())
+    (older / "rank-0.json").unlink()
+    (older / "rank-0.json").symlink_to("/dev/zero")
+    assert manager.restore("auto", **make_run()) is None  # both skipped: it starts afresh
