@@ -251,13 +251,14 @@ def training_step(
     gradients are all-reduced once, after the last chunk. Returns the mean loss."""
     images, labels = to_device(images, labels, config, accelerator)
     chunks = config.grad_accum_steps
-    total = torch.zeros((), device=accelerator.device)
+    total = None  # the first chunk's loss itself: no zero tensor made and added to every step
     for index, (image_chunk, label_chunk) in enumerate(zip(images.chunk(chunks), labels.chunk(chunks), strict=True)):
         last = index == chunks - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
             loss = criterion(model(image_chunk), label_chunk) / chunks
         accelerator.backward(loss)
-        total += loss.detach().float()
+        chunk_loss = loss.detach().float()
+        total = chunk_loss if total is None else total + chunk_loss
     return total
 
 
