@@ -4,7 +4,8 @@ Every ``every`` optimizer steps the slow copy moves toward the trained (fast)
 weights by ``1 - decay`` and the fast weights are reset to it. The decay,
 ``0.95**every * (step / total_steps)**3``, is near 0 early (the slow copy
 follows closely) and rises toward ``0.95**every`` at the end (it averages the
-last updates). At the last step the model takes the slow weights. All floating
+last updates). At the run's last step (``total_steps``; a run that
+``--max-steps`` stops earlier never reaches it) the model takes the slow weights. All floating
 point state is included: parameters and BatchNorm's running statistics.
 """
 
@@ -21,8 +22,8 @@ class Lookahead:
 
     Create it after the model is on its device and initialised (it keeps the model's tensors); call
     :meth:`after_step` after every optimizer step with the step count so far.
-    Its :attr:`slow` weights belong in a checkpoint (train.py saves them as a tensor
-    group of :mod:`repro.checkpoint`): resuming without them would restart the average.
+    Its :attr:`slow` weights belong in a checkpoint (cifar/checkpoint.py saves them as a
+    tensor group of :mod:`repro.checkpoint`): resuming without them would restart the average.
     """
 
     def __init__(self, model: nn.Module, every: int, total_steps: int) -> None:
