@@ -1,11 +1,12 @@
-"""The device data pipeline: the whole dataset on the device, augmented there in batches.
+"""The device data pipeline: the whole dataset on the device, augmented there many batches at once.
 
 With ``--data-pipeline device`` the uint8 images are copied to the device once
-(CIFAR-10: 150 MB for training, 30 MB for testing) and each training batch is
+(CIFAR-10: 150 MB for training, 30 MB for testing) and the training images are
 gathered, cropped, flipped, normalised and cut out there by a few tensor
-operations on the whole batch. No DataLoader, no worker processes, no copy from
-the host per step: a GPU is never left waiting for the CPU to decode and
-augment images one at a time, which is what limits the dataloader pipeline.
+operations over a whole epoch's batches (for CIFAR-10) at a time; a step takes
+a slice. No DataLoader, no worker processes, no copy from the host per step: a
+GPU is never left waiting for the CPU to decode and augment images one at a
+time, which is what limits the dataloader pipeline.
 
 Randomness: the augmentation of sample ``i`` in epoch ``e`` comes from its
 per-sample seed ``SeedPlan.aug(e, i)``, the seed the dataloader pipeline gives
@@ -33,6 +34,9 @@ from repro.loader import GlobalBatchSampler
 from repro.seeds import SeedPlan, mix64_array
 
 CROP_PADDING = 4  # default pixels of padding around the image before the random 32x32 crop
+# Training images augmented in one pass, at most: a CIFAR-10 epoch (49,152 images at
+# batch 1024) in one, about 600 MB of float32 on the device; larger datasets in parts.
+AUGMENT_AHEAD = 65_536
 
 # The per-sample words that drive the augmentation, in this order.
 _CROP_ROW, _CROP_COLUMN, _FLIP, _CUTOUT_ROW, _CUTOUT_COLUMN = range(5)
@@ -119,7 +123,10 @@ class DeviceTrainBatches:
     """This rank's training batches, as ``sampler`` orders them, augmented on ``device``.
 
     Iterate it like a DataLoader: it yields (images, labels) already on the
-    device, float32 images standardised with ``mean`` and ``std``.
+    device, float32 images standardised with ``mean`` and ``std``. The batches
+    are augmented ``augment_ahead`` images at a time (at least one batch) and
+    yielded as slices: the memory of that many augmented images, for a step
+    that does no work of its own.
     """
 
     def __init__(
@@ -135,11 +142,14 @@ class DeviceTrainBatches:
         padding: int = CROP_PADDING,
         padding_mode: str = "zeros",
         flip: str = "random",
+        augment_ahead: int = AUGMENT_AHEAD,
     ) -> None:
         if cutout < 0 or padding < 0:
             raise ValueError(f"cutout and padding must be non-negative, got {cutout} and {padding}")
         if flip not in ("random", "alternating"):
             raise ValueError(f"flip must be 'random' or 'alternating', got {flip!r}")
+        if augment_ahead < 1:
+            raise ValueError(f"augment_ahead must be positive, got {augment_ahead}")
         height, width = split.images.shape[-2:]
         if padding_mode == "reflect" and padding >= min(height, width):
             raise ValueError(f"reflect padding must be smaller than the image, got {padding}")
@@ -153,6 +163,7 @@ class DeviceTrainBatches:
         self.device = device
         self.padding = padding
         self.padding_mode = padding_mode
+        self.augment_ahead = augment_ahead
         # Alternating flip: each sample's flip in epoch 0 comes from its epoch-0 seed;
         # every later epoch flips it the other way from the epoch before.
         self.first_flips = None
@@ -194,11 +205,29 @@ class DeviceTrainBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.sampler.epoch
-        # Derived for the whole epoch at once (a few ms), not batch by batch: on a GPU the
-        # host's time per step is what the step costs, once the GPU outruns it.
+        # Derived and augmented for many batches at once, not batch by batch: a step then
+        # only slices, and on a GPU the host's time per step is what the step costs once
+        # the GPU outruns it. Elementwise and gather operations give each sample the same
+        # values in a chunk as in its own batch.
         epoch_params = self.params(epoch, np.arange(len(self.labels)))
-        for indices in self.sampler.index_batches():
-            yield self.batch(epoch, indices, epoch_params)
+        for chunk in _chunks(list(self.sampler.index_batches()), self.augment_ahead):
+            images, labels = self.batch(epoch, np.concatenate(chunk), epoch_params)
+            sizes = [len(indices) for indices in chunk]
+            yield from zip(images.split(sizes), labels.split(sizes), strict=True)
+
+
+def _chunks(batches: list[np.ndarray], max_images: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive runs of ``batches`` of at most ``max_images`` samples (or one batch, if larger)."""
+    chunk: list[np.ndarray] = []
+    size = 0
+    for indices in batches:
+        if chunk and size + len(indices) > max_images:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(indices)
+        size += len(indices)
+    if chunk:
+        yield chunk
 
 
 class DeviceTestBatches:

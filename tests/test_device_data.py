@@ -35,10 +35,10 @@ def splits():
     return synthetic(96, 20)
 
 
-def train_batches(splits, seeds=None, cutout=8, rank=0, world_size=1, batch_size=32):
+def train_batches(splits, seeds=None, cutout=8, rank=0, world_size=1, batch_size=32, **options):
     seeds = seeds or SeedPlan(2333)
     sampler = GlobalBatchSampler(len(splits.train), batch_size, seeds, rank=rank, world_size=world_size)
-    return DeviceTrainBatches(splits.train, sampler, seeds, splits.mean, splits.std, cutout, CPU)
+    return DeviceTrainBatches(splits.train, sampler, seeds, splits.mean, splits.std, cutout, CPU, **options)
 
 
 def test_params_stay_in_range_and_depend_only_on_the_sample_seed():
@@ -84,6 +84,19 @@ def test_a_samples_augmentation_does_not_depend_on_its_batch_or_rank(splits):
         assert torch.equal(global_batch[1], torch.cat([labels for _, labels in shards]))
 
 
+@pytest.mark.parametrize("augment_ahead", [1, 70, 96])  # a batch, two batches and a part, the whole epoch
+@pytest.mark.parametrize("start_batch", [0, 1])
+def test_batches_augmented_ahead_are_each_batch_as_augmented_alone(splits, augment_ahead, start_batch):
+    batches = train_batches(splits, augment_ahead=augment_ahead, padding_mode="reflect", flip="alternating")
+    batches.sampler.set_epoch(3, start_batch)
+    yielded = list(batches)
+    expected = [batches.batch(3, indices) for indices in batches.sampler.index_batches()]
+    assert len(yielded) == len(expected) == 3 - start_batch
+    for (images, labels), (alone, alone_labels) in zip(yielded, expected, strict=True):
+        assert torch.equal(images, alone)
+        assert torch.equal(labels, alone_labels)
+
+
 def test_epoch_and_aug_seed_change_the_augmentation(splits):
     batches = train_batches(splits)
     other_seed = train_batches(splits, seeds=SeedPlan(2333, aug_seed=1))
@@ -106,6 +119,8 @@ def test_test_batches_cover_each_image_once_in_order(splits):
 def test_bad_arguments_are_value_errors(splits):
     with pytest.raises(ValueError, match="cutout"):
         train_batches(splits, cutout=-1)
+    with pytest.raises(ValueError, match="augment_ahead"):
+        train_batches(splits, augment_ahead=0)
     with pytest.raises(ValueError, match="batch_size"):
         DeviceTestBatches(splits.test, 0, 1, 0, splits.mean, splits.std, CPU)
 
