@@ -255,8 +255,15 @@ def training_step(
     for index, (image_chunk, label_chunk) in enumerate(zip(images.chunk(chunks), labels.chunk(chunks), strict=True)):
         last = index == chunks - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            loss = criterion(model(image_chunk), label_chunk) / chunks
-        accelerator.backward(loss)
+            loss = criterion(model(image_chunk), label_chunk)
+        if chunks > 1:
+            loss = loss / chunks
+        if accelerator.scaler is None:
+            # accelerate's backward divides by its own accumulation count (1: train.py
+            # accumulates itself) before this call: an operation and its gradient every step.
+            loss.backward()
+        else:
+            accelerator.backward(loss)
         chunk_loss = loss.detach().float()
         total = chunk_loss if total is None else total + chunk_loss
     return total

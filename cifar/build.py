@@ -128,6 +128,7 @@ def build_loaders(
             padding=config.crop_padding,
             padding_mode=config.padding_mode,
             flip=config.flip,
+            memory_format=memory_format(config, accelerator),
         )
         test_batches = DeviceTestBatches(splits.test, rank, world_size, config.batch_size // world_size, *stats, device)
         return train_batches, sampler, test_batches
@@ -177,19 +178,21 @@ def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accele
             raise UsageError("model has no deterministic CUDA implementation: " + "; ".join(map(str, findings)))
     if config.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if channels_last(config, accelerator):
+    if memory_format(config, accelerator) == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if config.compile else model
 
 
-def channels_last(config: TrainConfig, accelerator: Accelerator) -> bool:
-    return config.channels_last and accelerator.device.type == "cuda"
+def memory_format(config: TrainConfig, accelerator: Accelerator) -> torch.memory_format:
+    """The model's and its inputs' memory layout: channels_last only on CUDA, where it is faster."""
+    on_cuda = accelerator.device.type == "cuda"
+    return torch.channels_last if config.channels_last and on_cuda else torch.contiguous_format
 
 
 def to_device(
     images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, accelerator: Accelerator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move a batch to the device, in the model's memory layout."""
-    memory_format = torch.channels_last if channels_last(config, accelerator) else torch.contiguous_format
-    images = images.to(accelerator.device, non_blocking=True).contiguous(memory_format=memory_format)
+    images = images.to(accelerator.device, non_blocking=True)
+    images = images.contiguous(memory_format=memory_format(config, accelerator))
     return images, labels.to(accelerator.device, non_blocking=True)

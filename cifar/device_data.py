@@ -124,9 +124,9 @@ class DeviceTrainBatches:
 
     Iterate it like a DataLoader: it yields (images, labels) already on the
     device, float32 images standardised with ``mean`` and ``std``. The batches
-    are augmented ``augment_ahead`` images at a time (at least one batch) and
-    yielded as slices: the memory of that many augmented images, for a step
-    that does no work of its own.
+    are augmented ``augment_ahead`` images at a time (at least one batch), laid
+    out in ``memory_format`` (the model's), and yielded as slices: the memory
+    of that many augmented images, for a step that does no work of its own.
     """
 
     def __init__(
@@ -143,6 +143,7 @@ class DeviceTrainBatches:
         padding_mode: str = "zeros",
         flip: str = "random",
         augment_ahead: int = AUGMENT_AHEAD,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if cutout < 0 or padding < 0:
             raise ValueError(f"cutout and padding must be non-negative, got {cutout} and {padding}")
@@ -164,6 +165,7 @@ class DeviceTrainBatches:
         self.padding = padding
         self.padding_mode = padding_mode
         self.augment_ahead = augment_ahead
+        self.memory_format = memory_format
         # Alternating flip: each sample's flip in epoch 0 comes from its epoch-0 seed;
         # every later epoch flips it the other way from the epoch before.
         self.first_flips = None
@@ -212,6 +214,7 @@ class DeviceTrainBatches:
         epoch_params = self.params(epoch, np.arange(len(self.labels)))
         for chunk in _chunks(list(self.sampler.index_batches()), self.augment_ahead):
             images, labels = self.batch(epoch, np.concatenate(chunk), epoch_params)
+            images = images.contiguous(memory_format=self.memory_format)
             sizes = [len(indices) for indices in chunk]
             yield from zip(images.split(sizes), labels.split(sizes), strict=True)
 

@@ -28,6 +28,7 @@ from repro.seeds import SeedPlan
 
 DEVICE = ["--data-pipeline", "device"]
 CPU = torch.device("cpu")
+CHANNELS_LAST = torch.channels_last
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +88,15 @@ def test_a_samples_augmentation_does_not_depend_on_its_batch_or_rank(splits):
 @pytest.mark.parametrize("augment_ahead", [1, 70, 96])  # a batch, two batches and a part, the whole epoch
 @pytest.mark.parametrize("start_batch", [0, 1])
 def test_batches_augmented_ahead_are_each_batch_as_augmented_alone(splits, augment_ahead, start_batch):
-    batches = train_batches(splits, augment_ahead=augment_ahead, padding_mode="reflect", flip="alternating")
+    batches = train_batches(
+        splits, augment_ahead=augment_ahead, padding_mode="reflect", flip="alternating", memory_format=CHANNELS_LAST
+    )
     batches.sampler.set_epoch(3, start_batch)
     yielded = list(batches)
     expected = [batches.batch(3, indices) for indices in batches.sampler.index_batches()]
     assert len(yielded) == len(expected) == 3 - start_batch
     for (images, labels), (alone, alone_labels) in zip(yielded, expected, strict=True):
+        assert images.is_contiguous(memory_format=CHANNELS_LAST)  # the model's layout: no copy in the step
         assert torch.equal(images, alone)
         assert torch.equal(labels, alone_labels)
 
