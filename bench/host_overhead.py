@@ -4,23 +4,29 @@ On a GPU the host queues each step's work and moves on; whatever it spends per
 step beyond the GPU's time for that step leaves the GPU idle. This measures
 that host time: train.py's own loop (``train.train``: the sampler, the device
 pipeline's ``DeviceTrainBatches`` with its per-sample seeds, index handling and
-augmentation, ``training_step``, the optimizer and scheduler wrappers, the
-loss accumulation, the stop check and the progress bar) at batch 1024, on a
-trivial model (one linear layer on the flattened image) and on images of
-``--side`` x ``--side`` pixels (1 by default), so that little is left but the
-Python and dispatch work of each step. Target (issue 12): at most 1 ms per
-step. For scale, a whole airbench94 step takes about 4.5 ms on an H100.
+augmentation, ``training_step``, the optimizer and scheduler, the lookahead,
+the loss accumulation, the stop check and the progress bar) with the settings
+of ``--config`` (the speedrun recipe's by default: batch 1024, its
+augmentation, optimizer, schedule and lookahead), on a trivial model (one
+linear layer on the flattened image) and on images of ``--side`` x ``--side``
+pixels (3 by default, the least the recipe's reflect padding of 2 allows), so
+that little is left but the Python and dispatch work of each step. Target
+(issue 12): at most 1 ms per step. For scale, a whole airbench94 step takes
+about 4.5 ms on an H100. Beside it, a bare hand-written
+loop over the same model and optimizer, its batches made beforehand: the host
+time no loop can go below.
 
 The figure is this thread's CPU time (``time.thread_time``) from the request
 of an epoch's first batch to the end of its last step, over its steps: on a
 shared machine, time spent waiting for a core is left out. It includes the
-per-epoch work (the epoch's permutation) and, on a CPU, what compute remains:
-the operations over the batch's 1024 samples (the augmentation's gather is the
-largest), which a GPU does on the device. The parts of the step are clocked
-the same way where the loop calls them (wrapped for the run: about a µs
-each), and the per-sample seeds apart. Torch runs one thread (``--threads``): the
-operations are too small for more to help, and a thread waiting for another
-that the machine has descheduled would count as work.
+per-epoch work (the epoch's permutation, seeds and augmentation, which the
+device pipeline does for the whole epoch at once) and, on a CPU, what compute
+remains: the operations over the epoch's samples, which a GPU does on the
+device. The parts of the step are clocked the same way where the loop calls
+them (wrapped for the run: about a µs each), and the per-sample seeds apart.
+Torch runs one thread (``--threads``): the operations are too small for more
+to help, and a thread waiting for another that the machine has descheduled
+would count as work.
 
 Where CUDA is available it runs there, like train.py; the trivial model's
 kernels then take less time than their launch, and the figures are the host's,
@@ -37,7 +43,6 @@ import argparse
 import collections
 import contextlib
 import cProfile
-import dataclasses
 import functools
 import io
 import json
@@ -57,9 +62,10 @@ from torch import nn
 import train
 from cifar.build import build_loaders, make_accelerator
 from cifar.checkpoint import Progress, Training
-from cifar.config import TrainConfig
+from cifar.config import TrainConfig, parse_config
 from cifar.data import ImageArray, Splits
-from cifar.device_data import CROP_PADDING, augmentation_params
+from cifar.device_data import augmentation_params
+from cifar.lookahead import Lookahead
 from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
 from repro.determinism import configure_determinism
@@ -67,6 +73,7 @@ from repro.seeds import SeedPlan
 from repro.stop import GracefulStop
 
 NUM_CLASSES = 10
+SPEEDRUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_speedrun.yaml"
 WHOLE_STEP, NEXT_BATCH, BATCH, TRAINING_STEP = "whole step", "next batch", "DeviceTrainBatches.batch", "training_step"
 FINISH_EPOCH = "finish_epoch"  # the epoch's evaluation and checkpoint: per-epoch work, left out of the step
 OPTIMIZER = ("optimizer.step", "scheduler.step", "optimizer.zero_grad")
@@ -85,27 +92,62 @@ def tiny_splits(train_size: int, side: int) -> Splits:
 
 
 def build(args: argparse.Namespace, run_dir: Path) -> tuple[Training, train.Batches, train.Batches]:
-    """train.py's training objects, as its ``main`` builds them, around a one-layer model."""
-    config = dataclasses.replace(
-        TrainConfig(),
-        dataset="synthetic",
-        data_pipeline="device",
-        batch_size=args.batch_size,
-        epochs=args.repeats,
-        determinism=args.determinism,
-        output_dir=str(run_dir),
+    """train.py's training objects, as its ``main`` builds them from ``--config``, around a one-layer model."""
+    config = parse_config(
+        [
+            *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
+            *("--batch-size", str(args.batch_size), "--epochs", str(args.repeats)),
+            *("--determinism", args.determinism, "--output-dir", str(run_dir)),
+        ]
     )
     run_dir.mkdir(parents=True)
     accelerator = make_accelerator(config, run_dir)
     seeds = SeedPlan(config.seed)
     splits = tiny_splits(args.steps * args.batch_size, args.side)
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
-    torch.manual_seed(config.seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * args.side**2, NUM_CLASSES))
-    optimizer, scheduler = build_optimizer(config, model, len(sampler))
+    model, optimizer, scheduler = trivial_model(config, accelerator.device, args.side, len(sampler))
     model, optimizer = accelerator.prepare(model, optimizer)
-    training = Training(config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint())
+    lookahead = None
+    if config.lookahead_every:
+        lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, config.epochs * len(sampler))
+    training = Training(
+        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), lookahead
+    )
     return training, train_batches, test_batches
+
+
+def trivial_model(
+    config: TrainConfig, device: torch.device, side: int, steps_per_epoch: int
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """One linear layer on the flattened image, on ``device``, with train.py's optimizer and schedule."""
+    torch.manual_seed(config.seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * side**2, NUM_CLASSES)).to(device)
+    optimizer, scheduler = build_optimizer(config, model, steps_per_epoch)
+    return model, optimizer, scheduler
+
+
+def bare_loop(args: argparse.Namespace, config: TrainConfig, device: torch.device, precision: str) -> list[float]:
+    """CPU µs per step of a hand-written loop over the same model and batches: forward (in the
+    run's autocast), loss, backward, optimizer and scheduler steps, zero_grad. Its batches are
+    made before the clock starts: what no loop can do with less host work. One figure an epoch."""
+    model, optimizer, scheduler = trivial_model(config, device, args.side, args.steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    images = torch.randn(args.steps * args.batch_size, 3, args.side, args.side, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (len(images),), device=device)
+    batches = list(zip(images.split(args.batch_size), labels.split(args.batch_size), strict=True))
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    per_step = []
+    for _ in range(args.repeats):
+        start = time.thread_time()
+        for batch_images, batch_labels in batches:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = criterion(model(batch_images), batch_labels)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        per_step.append((time.thread_time() - start) / args.steps * 1e6)
+    return per_step
 
 
 class Clock:
@@ -151,11 +193,11 @@ class TimedBatches:
         self.clock.seconds.clear()
 
 
-def loop(args: argparse.Namespace, run_dir: Path) -> tuple[list[dict[str, float]], list[float]]:
+def loop(args: argparse.Namespace, run_dir: Path) -> tuple[list[dict[str, float]], list[float], Training]:
     """Run ``--repeats`` epochs of train.py's loop, clocking its parts where the loop calls them.
 
     Returns, per epoch, µs per step of the whole step and of each part, and
-    the wall time per step of train.py's own ``train_s``.
+    the wall time per step of train.py's own ``train_s``; and the training objects.
     """
     training, train_batches, test_batches = build(args, run_dir)
     clock = Clock()
@@ -186,22 +228,23 @@ def loop(args: argparse.Namespace, run_dir: Path) -> tuple[list[dict[str, float]
             train.train(training, timed, test_batches, metrics, Progress(), loss_sum, None, stop)
     records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
     per_step = [{name: seconds / args.steps * 1e6 for name, seconds in epoch.items()} for epoch in timed.epochs]
-    return per_step, [record["train_s"] / args.steps * 1e6 for record in records]
+    return per_step, [record["train_s"] / args.steps * 1e6 for record in records], training
 
 
-def seeds_alone(args: argparse.Namespace, calls: int = 200) -> float:
-    """µs per batch of the per-sample seeds and augmentation parameters (NumPy), timed alone."""
+def seeds_alone(args: argparse.Namespace, padding: int, calls: int = 20) -> float:
+    """µs per step of the per-sample seeds and augmentation parameters (NumPy, derived for a
+    whole epoch at once, as the device pipeline does), timed alone."""
     seeds = SeedPlan(0)
-    indices = np.arange(args.batch_size, dtype=np.int64)
+    indices = np.arange(args.steps * args.batch_size, dtype=np.int64)
 
     def derive() -> None:
-        augmentation_params(seeds.aug_array(0, indices), args.side, args.side, CROP_PADDING)
+        augmentation_params(seeds.aug_array(0, indices), args.side, args.side, padding)
 
     derive()
     start = time.thread_time()
     for _ in range(calls):
         derive()
-    return (time.thread_time() - start) / calls * 1e6
+    return (time.thread_time() - start) / calls / args.steps * 1e6
 
 
 def profile(args: argparse.Namespace, run_dir: Path, top: int) -> None:
@@ -221,10 +264,16 @@ def profile(args: argparse.Namespace, run_dir: Path, top: int) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(SPEEDRUN_CONFIG), help="the recipe whose loop is run, its model aside")
     parser.add_argument("--batch-size", type=int, default=1024, help="global batch (the speedrun recipe's)")
     parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
     parser.add_argument("--repeats", type=int, default=5, help="epochs of the whole loop; each gives a figure")
-    parser.add_argument("--side", type=int, default=1, help="image side in pixels: small makes compute negligible")
+    parser.add_argument(
+        "--side",
+        type=int,
+        default=3,
+        help="image side in pixels: small makes compute negligible (reflect padding 2 needs 3)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"])
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also cProfile one epoch, top N")
@@ -239,15 +288,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
-        f"# batch {args.batch_size}, {args.steps} steps an epoch, {args.side}x{args.side} images, a one-layer "
-        f"model, the device pipeline on {device}, --determinism {args.determinism}, {args.threads} torch threads"
+        f"# {args.config}'s loop, batch {args.batch_size}, {args.steps} steps an epoch, {args.side}x{args.side} "
+        f"images, a one-layer model, the device pipeline on {device}, --determinism {args.determinism}, "
+        f"{args.threads} torch threads"
     )
     configure_determinism(args.determinism)  # as train.py does first
     with tempfile.TemporaryDirectory(prefix="bench-host-") as scratch:
-        epochs, wall = loop(args, Path(scratch) / "loop")
+        epochs, wall, training = loop(args, Path(scratch) / "loop")
         if args.profile:
             profile(args, Path(scratch), args.profile)
-    seeds = seeds_alone(args)
+    bare = bare_loop(args, training.config, training.accelerator.device, training.accelerator.mixed_precision)
+    seeds = seeds_alone(args, training.config.crop_padding)
     for epoch in epochs:
         epoch[REST] = epoch[WHOLE_STEP] - sum(epoch.get(name, 0.0) for name in (NEXT_BATCH, TRAINING_STEP, *OPTIMIZER))
 
@@ -265,13 +316,18 @@ def main() -> None:
         row("    of which the seeds and augmentation parameters (timed alone)", [seeds]),
         row("training_step (forward, loss, backward)", part(TRAINING_STEP)),
         *(row(f"{name}()", part(name)) for name in OPTIMIZER),
-        row("the rest: loss sum, stop check, progress bar, bookkeeping", part(REST)),
+        row("the rest: loss sum, stop check, lookahead, progress bar, bookkeeping", part(REST)),
+        row("a bare hand-written loop's step, its batches made beforehand (CPU time)", bare),
     ]
     print()
     benchlib.print_table(["per step", "µs (median)", "µs each epoch"], rows)
     if args.batch_size == 1024:
         whole = median(e[WHOLE_STEP] for e in epochs)
         print(f"\ntarget, at most 1000 µs per step: {'met' if whole <= 1000 else 'not met'}")
+        print(f"train.py's loop / the bare loop, host time per step: {whole / median(bare):.2f}")
+        # On a CPU the next batch is mostly the compute of the epoch's augmentation, which a GPU does on the device.
+        stepping = median(e[WHOLE_STEP] - e.get(NEXT_BATCH, 0.0) for e in epochs)
+        print(f"the same, the next batch left out: {stepping / median(bare):.2f}")
     benchlib.write_json(
         args.json,
         {
@@ -279,6 +335,7 @@ def main() -> None:
             "settings": vars(args),
             "us_per_step": epochs,
             "wall_us_per_step": wall,
+            "bare_us_per_step": bare,
             "seeds_us": seeds,
         },
     )
