@@ -12,6 +12,7 @@ import torch
 from conftest import TINY, read_manifest, run_train, train_ok
 from test_distributed_runs import launch_two_processes
 from test_resume import assert_same_run, start_training, wait_for_checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import functional
 
 from cifar.data import synthetic
@@ -99,6 +100,30 @@ def test_batches_augmented_ahead_are_each_batch_as_augmented_alone(splits, augme
         assert images.is_contiguous(memory_format=CHANNELS_LAST)  # the model's layout: no copy in the step
         assert torch.equal(images, alone)
         assert torch.equal(labels, alone_labels)
+
+
+class OperationCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_takes_its_batch_without_a_tensor_operation(splits):
+    batches = iter(train_batches(splits, augment_ahead=64))  # two batches a chunk, then one
+    operations = []
+    for _ in range(3):
+        with OperationCounter() as counter:
+            next(batches)
+        operations.append(counter.count)
+    assert operations[0] > 10  # the chunk's augmentation
+    assert operations[1] == 0  # a slice the chunk already made: no work in the step
+    assert operations[2] > 10  # the next chunk
 
 
 def test_epoch_and_aug_seed_change_the_augmentation(splits):
