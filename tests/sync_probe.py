@@ -1,6 +1,6 @@
 """Run train.py in this process and count, during its training steps, the calls that make a host wait for a GPU.
 
-    python tests/sync_probe.py TRAIN_ARGS... [-- TRAIN_ARGS...]...
+    python tests/sync_probe.py TRAIN_ARGS... [-- [--self-check] TRAIN_ARGS...]...
 
 Runs ``train.main`` once per group of arguments, one after the other, and
 prints one JSON line for each: ``{"status": 0, "steps": N, "calls":
@@ -11,7 +11,9 @@ an epoch opens when its first batch is handed to the loop and closes when
 train.py closes the epoch (``train.finish_epoch``) or the batches run out: it
 covers every step and the production of every batch after the first, and
 leaves out what an epoch's end does once (the loss read-out, the evaluation,
-the checkpoint).
+the checkpoint). A group that starts with ``--self-check`` runs with one
+``.item()`` added to each training step, which the probe must count: a check
+that its counters and its window work.
 
 On a CPU none of these calls waits for anything, so the probe counts calls
 rather than time: each one, on a GPU, would make the host wait for the queued
@@ -42,7 +44,7 @@ import train  # noqa: E402
 # (owner, attribute) of every call that, on a GPU, blocks the host until the device catches up.
 SYNCHRONISING = [
     *((torch.Tensor, name) for name in ("item", "tolist", "numpy", "cpu", "nonzero")),
-    *((torch.Tensor, name) for name in ("__bool__", "__float__", "__int__", "__index__")),
+    *((torch.Tensor, name) for name in ("__bool__", "__float__", "__int__", "__index__", "__format__", "__array__")),
     (torch, "nonzero"),
     (torch.cuda, "synchronize"),
     (torch.cuda.Stream, "synchronize"),
@@ -58,6 +60,7 @@ class Window:
     def __init__(self) -> None:
         self.open = False
         self.steps = 0
+        self.self_check = False  # add an .item() to each step, for the probe to find
         self.calls: collections.Counter[str] = collections.Counter()
 
     def count(self, label: str) -> None:
@@ -131,6 +134,16 @@ def install(window: Window) -> None:
         return finish_epoch(*args, **kwargs)
 
     train.finish_epoch = outside_the_steps
+    training_step = train.training_step
+
+    @functools.wraps(training_step)
+    def step_with_self_check(*args: Any, **kwargs: Any) -> Any:
+        loss = training_step(*args, **kwargs)
+        if window.self_check:
+            loss.item()
+        return loss
+
+    train.training_step = step_with_self_check
 
 
 def main(argv: list[str]) -> int:
@@ -143,8 +156,9 @@ def main(argv: list[str]) -> int:
         else:
             runs[-1].append(arg)
     for run_args in runs:
+        window.self_check = run_args[:1] == ["--self-check"]
         window.steps, window.calls = 0, collections.Counter()
-        status = train.main(run_args)
+        status = train.main(run_args[window.self_check :])
         print(json.dumps({"status": status, "steps": window.steps, "calls": dict(window.calls)}), flush=True)
     return 0
 

@@ -22,8 +22,9 @@ def test_no_synchronising_call_in_the_training_steps(tmp_path):
     # One worker: the DataLoader's per-sample work (which reads CPU tensors) runs outside
     # the training process, as on a GPU machine. Two chunks take the step through no_sync.
     dataloader = [*TINY, "--num-workers", "1", "--grad-accum-steps", "2", "--output-dir", str(tmp_path / "dataloader")]
+    self_check = ["--self-check", *TINY, "--data-pipeline", "device", "--output-dir", str(tmp_path / "self-check")]
     result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sync_probe.py"), *device, "--", *dataloader],
+        [sys.executable, str(REPO / "tests" / "sync_probe.py"), *device, "--", *dataloader, "--", *self_check],
         cwd=REPO,
         env=clean_env(),
         capture_output=True,
@@ -32,11 +33,14 @@ def test_no_synchronising_call_in_the_training_steps(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(runs) == 2, result.stdout[-3000:]
-    assert [run["status"] for run in runs] == [0, 0]
-    assert [run["steps"] for run in runs] == [16, 16]  # TINY: 2 epochs of 256 / 32 steps, all watched
-    calls = {pipeline: run["calls"] for pipeline, run in zip(("device", "dataloader"), runs, strict=True)}
+    assert len(runs) == 3, result.stdout[-3000:]
+    assert [run["status"] for run in runs] == [0, 0, 0]
+    assert [run["steps"] for run in runs] == [16, 16, 16]  # TINY: 2 epochs of 256 / 32 steps, all watched
+    calls = {pipeline: run["calls"] for pipeline, run in zip(("device", "dataloader"), runs[:2], strict=True)}
     assert calls == {"device": {}, "dataloader": {}}, f"calls that wait for the GPU in the steps: {calls}"
+    # The probe finds an .item() added to each step: its counters and window work.
+    assert list(runs[2]["calls"].values()) == [16], runs[2]["calls"]
+    assert next(iter(runs[2]["calls"])).startswith("Tensor.item at train.py:")
     # The probe imported train.py without PYTHONHASHSEED: an import re-executes nothing, so the
     # runs record none (`python train.py` fixes it before its imports; test_train_cli.py checks that).
     assert read_manifest(tmp_path / "device")["python_hash_seed"] is None
