@@ -13,7 +13,6 @@ argument lists, never through a shell.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -23,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from repro.files import RunFileError, read_metrics
 from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report, same_number, silent
 from repro.trace import TRACE_DIR_VARIABLE, TRACE_STEPS_VARIABLE
 
@@ -101,9 +101,9 @@ def read_trace(directory: Path) -> dict[int, list[dict[str, Any]]]:
         if match is None:
             continue
         try:
-            trace[int(match[1])] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
-            raise CommandError(f"{path} is not a valid trace: {error}") from None
+            trace[int(match[1])] = read_metrics(path)
+        except RunFileError as error:
+            raise CommandError(f"not a valid trace: {error}") from None
     return dict(sorted(trace.items()))
 
 

@@ -20,7 +20,7 @@ from repro.loader import GlobalBatchSampler
 from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report
 from repro.reproduce import reproduce_run
 from repro.seeds import SeedPlan
-from repro.verify import verify_command
+from repro.verify import read_trace, verify_command
 
 BIN = Path(sys.executable).parent
 TRAIN = str(REPO / "train.py")
@@ -376,3 +376,14 @@ def test_env_reports_the_fingerprint_and_the_hash_seed():
     assert facts["python_hash_seed_fixed"] is True
     assert facts["cublas_workspace_config"] == ":4096:8"
     assert "deterministic_algorithms" in facts["determinism"]
+
+
+@pytest.mark.parametrize("kind", ["broken line", "endless file"])
+def test_a_trace_that_is_not_json_lines_is_refused_with_its_name(tmp_path, kind):
+    trace = tmp_path / "rank-0.jsonl"
+    if kind == "broken line":
+        trace.write_text('{"step": 1}\n{"step": 2\n')
+    else:  # read with a bound, or refused: never read forever
+        trace.symlink_to("/dev/zero")
+    with pytest.raises(CommandError, match=r"not a valid trace: .*rank-0\.jsonl"):
+        read_trace(tmp_path)
