@@ -30,10 +30,11 @@ from cifar.config import TrainConfig, UsageError, config_differences, config_to_
 from cifar.lookahead import Lookahead
 from cifar.outputs import MetricsLog
 from repro.checkpoint import Checkpoint, Checkpointer, check_structure
-from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256, short
+from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.loader import GlobalBatchSampler
 from repro.manifest import CHECKPOINTS_DIR
+from repro.report import short
 
 REPO = Path(__file__).resolve().parent.parent  # its git state goes into the environment fingerprint
 

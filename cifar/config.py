@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import reprlib
 import sys
 import types
 import typing
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 from cifar.models import model_names
 from repro.files import DECIMAL_FLOAT, DECIMAL_INT, RunFileError, parse_yaml_mapping
+from repro.report import short
 from repro.seeds import check_seed
 
 
@@ -40,24 +40,6 @@ MAX_CONFIG_BYTES = 1 << 20
 # torch accepts any positive count, but crashed (segmentation fault) on the first
 # operation at 10**6 threads; 1024 ran. More than a CPU has only slows a run down.
 MAX_CPU_THREADS = 1024
-
-
-def _short_repr() -> reprlib.Repr:
-    """A ``repr`` that stops after a few items, levels and characters (Python 3.11 has no keyword arguments)."""
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 2, 4, 4, 4, 4
-    short.maxstring, short.maxlong, short.maxother = 60, 40, 60
-    return short
-
-
-_SHORT_REPR = _short_repr()
-
-
-def _short(value: Any) -> str:
-    """``repr(value)`` cut to about 80 characters, at a cost bounded whatever the value's size:
-    an error message echoes what it refuses without printing megabytes of it."""
-    text = _SHORT_REPR.repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _field(default: Any, help: str, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
@@ -221,7 +203,7 @@ def coerce(key: str, value: Any) -> Any:
     """Check ``value`` against the type of field ``key`` and return it; ``ConfigError`` if it does not fit."""
     hints = _field_types()
     if key not in hints:
-        raise ConfigError(f"unknown config key {_short(key)}")
+        raise ConfigError(f"unknown config key {short(key)}")
     base, _, optional = _allowed(hints[key])
     choices = _choices(key)
     if value is None:
@@ -230,7 +212,7 @@ def coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"config key {key!r} cannot be empty")
     if choices is not None:
         if value not in choices:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {_short(value)}")
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {short(value)}")
         return value
     if base is float and isinstance(value, str) and DECIMAL_FLOAT.fullmatch(value):
         # PyYAML follows YAML 1.1, where 5e-4 (no dot) is a string, not a float.
@@ -239,7 +221,7 @@ def coerce(key: str, value: Any) -> Any:
     # bool is an int subclass: `epochs: true` must not pass as 1.
     if isinstance(value, accepted) and (base is bool or not isinstance(value, bool)):
         return float(value) if base is float else value
-    raise ConfigError(f"config key {key!r} must be {base.__name__}, got {_short(value)}")
+    raise ConfigError(f"config key {key!r} must be {base.__name__}, got {short(value)}")
 
 
 def _decimal_int(text: str) -> int:
@@ -247,7 +229,7 @@ def _decimal_int(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"{_short(text)} has too many digits") from None
+        raise ConfigError(f"{short(text)} has too many digits") from None
 
 
 def _parse_flag(key: str, text: str) -> Any:
@@ -270,7 +252,7 @@ def _parse_flag(key: str, text: str) -> Any:
     if base is bool and text.lower() in ("true", "false"):
         return coerce(key, text.lower() == "true")
     spelling = "true or false" if base is bool else "in plain decimal"
-    raise ConfigError(f"config key {key!r} must be {base.__name__} ({spelling}), got {_short(text)}")
+    raise ConfigError(f"config key {key!r} must be {base.__name__} ({spelling}), got {short(text)}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -319,27 +301,27 @@ def validate(config: TrainConfig) -> TrainConfig:
     positive = ("epochs", "batch_size", "synthetic_train_size", "synthetic_test_size")
     for name in positive:
         if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be positive, got {_short(getattr(config, name))}")
+            raise ConfigError(f"{name} must be positive, got {short(getattr(config, name))}")
     if config.dataset == "synthetic" and config.batch_size > config.synthetic_train_size:
         raise ConfigError(
-            f"batch_size {_short(config.batch_size)} is larger than the training set "
+            f"batch_size {short(config.batch_size)} is larger than the training set "
             f"({config.synthetic_train_size} synthetic images)"
         )
     if not 1 <= config.cpu_threads <= MAX_CPU_THREADS:
-        raise ConfigError(f"cpu_threads must be in [1, {MAX_CPU_THREADS}], got {_short(config.cpu_threads)}")
+        raise ConfigError(f"cpu_threads must be in [1, {MAX_CPU_THREADS}], got {short(config.cpu_threads)}")
     if config.max_steps is not None and config.max_steps < 1:
-        raise ConfigError(f"max_steps must be positive, got {_short(config.max_steps)}")
+        raise ConfigError(f"max_steps must be positive, got {short(config.max_steps)}")
     if config.num_workers < 0 or config.cutout < 0 or config.checkpoint_every < 0:
         raise ConfigError("num_workers, cutout and checkpoint_every must not be negative")
     if config.keep_checkpoints < 1:
-        raise ConfigError(f"keep_checkpoints must be at least 1, got {_short(config.keep_checkpoints)}")
+        raise ConfigError(f"keep_checkpoints must be at least 1, got {short(config.keep_checkpoints)}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     # Nesterov SGD has no momentum-free form (torch refuses 0); 1 and above never decay.
     if not 0 < config.momentum < 1:
         raise ConfigError(f"momentum must be in (0, 1), got {config.momentum}")
     if config.grad_accum_steps < 1:
-        raise ConfigError(f"grad_accum_steps must be positive, got {_short(config.grad_accum_steps)}")
+        raise ConfigError(f"grad_accum_steps must be positive, got {short(config.grad_accum_steps)}")
     if config.lr <= 0 or config.warmup_epochs < 0 or config.weight_decay < 0:
         raise ConfigError("lr must be positive; warmup_epochs and weight_decay must not be negative")
     if config.crop_padding < 0 or config.whiten_bias_epochs < 0 or config.lookahead_every < 0:

@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from repro import checkpoint_format as fmt
-from repro.checkpoint_format import Checkpoint, CheckpointError, short
+from repro.checkpoint_format import Checkpoint, CheckpointError
 from repro.files import first_line
 from repro.loader import GlobalBatchSampler
+from repro.report import short
 from repro.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["Checkpoint", "CheckpointError", "Checkpointer", "Restored"]

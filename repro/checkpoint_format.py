@@ -39,6 +39,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from repro.files import RunFileError, first_line, parse_json, read_text
+from repro.report import short
 
 FORMAT = "repro.checkpoint"
 VERSION = 2  # 2: state.json is hashed
@@ -61,12 +62,6 @@ T = TypeVar("T")
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, altered, of another format, that does not fit
     the run, or that cannot be written; its message is one line. ``auto`` skips one that fails."""
-
-
-def short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut short: a hostile file must not make a huge error line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_count(value: Any) -> bool:

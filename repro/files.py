@@ -24,7 +24,7 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from repro.report import CommandError
+from repro.report import CommandError, short
 
 # Bounds on a run folder's files, which may come from anyone. What train.py writes stays far
 # below them; past them, reading or comparing a file would exhaust memory, time or the stack.
@@ -147,12 +147,6 @@ class _RefusedError(Exception):
     """What the flat loader refuses, with the line: :func:`parse_yaml_mapping` adds the file's name."""
 
 
-def _quoted(value: Any) -> str:
-    """``repr(value)`` cut to 80 characters: an error echoes what it refuses without printing all of it."""
-    text = repr(value[:80] if isinstance(value, str) else value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 @functools.cache
 def _flat_loader() -> type:
     """PyYAML's safe loader, narrowed to what a config is: one flat mapping of plain values.
@@ -174,9 +168,7 @@ def _flat_loader() -> type:
             # Refused here, before the composer recurses into them: nesting is never a config value.
             if parent is not None and isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
                 what = (
-                    f"the value of {_quoted(index.value)}"
-                    if isinstance(index, yaml.ScalarNode)
-                    else "each key and value"
+                    f"the value of {short(index.value)}" if isinstance(index, yaml.ScalarNode) else "each key and value"
                 )
                 raise _RefusedError(f"{line(event.start_mark)}: {what} must be one plain value, not a list or mapping")
             return super().compose_node(parent, index)
@@ -186,25 +178,25 @@ def _flat_loader() -> type:
             for key_node, _ in node.value:
                 key = self.construct_object(key_node)  # a scalar: compose_node refused all else
                 if key in seen:
-                    raise _RefusedError(f"{line(key_node.start_mark)}: duplicate key {_quoted(key)}")
+                    raise _RefusedError(f"{line(key_node.start_mark)}: duplicate key {short(key)}")
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
         def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
             text = self.construct_scalar(node)
             if not DECIMAL_INT.fullmatch(text):
-                raise _RefusedError(f"{line(node.start_mark)}: {_quoted(text)} is not a plain decimal integer")
+                raise _RefusedError(f"{line(node.start_mark)}: {short(text)} is not a plain decimal integer")
             try:
                 return int(text)
             except ValueError:  # Python converts at most 4300 digits
-                raise _RefusedError(f"{line(node.start_mark)}: {_quoted(text)} has too many digits") from None
+                raise _RefusedError(f"{line(node.start_mark)}: {short(text)} has too many digits") from None
 
         def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
             text = self.construct_scalar(node)
             if text.lstrip("+-").lower() in (".inf", ".nan"):
                 return super().construct_yaml_float(node)
             if not DECIMAL_FLOAT.fullmatch(text):
-                raise _RefusedError(f"{line(node.start_mark)}: {_quoted(text)} is not a plain decimal number")
+                raise _RefusedError(f"{line(node.start_mark)}: {short(text)} is not a plain decimal number")
             return float(text)
 
     FlatLoader.add_constructor("tag:yaml.org,2002:int", FlatLoader.construct_yaml_int)

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import reprlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from repro.report import short
 
 if TYPE_CHECKING:
     import torch
@@ -76,9 +77,6 @@ STREAMS = (
 )
 """Every stream the project derives, as in the module's table."""
 
-_SHORT_INT = reprlib.Repr()
-_SHORT_INT.maxlong = 40
-
 
 def check_seed(seed: object, name: str = "seed") -> int:
     """Return ``seed`` if it is an integer in [0, 2**32 - 1], else raise ``ValueError``.
@@ -89,9 +87,9 @@ def check_seed(seed: object, name: str = "seed") -> int:
     and echoes at most about 40 digits of the refused value.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer in [0, {MAX_USER_SEED}], got {_SHORT_INT.repr(seed)}")
+        raise ValueError(f"{name} must be an integer in [0, {MAX_USER_SEED}], got {short(seed)}")
     if not 0 <= int(seed) <= MAX_USER_SEED:
-        raise ValueError(f"{name} must be in [0, {MAX_USER_SEED}], got {_SHORT_INT.repr(int(seed))}")
+        raise ValueError(f"{name} must be in [0, {MAX_USER_SEED}], got {short(int(seed))}")
     return int(seed)
 
 
