@@ -18,6 +18,7 @@ from repro.audit import audit_model
 from repro.determinism import configure_determinism
 from repro.distributed import get_local_rank, get_rank, get_world_size, launcher_world_size
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
+from repro.report import short
 from repro.rng import capture_rng_state, restore_rng_state
 
 
@@ -166,3 +167,11 @@ def test_audit_passes_the_shipped_models():
 
     for name, model_class in MODELS.items():
         assert audit_model(model_class(num_classes=10), torch.zeros(2, 3, 32, 32)) == [], name
+
+
+def test_short_echoes_a_small_value_whole_and_cuts_a_huge_one():
+    assert short("lr") == "'lr'" and short([1, 2]) == "[1, 2]"
+    huge = list(range(10**7))  # a repr of all of it would be 88 MB
+    text = short({"key": huge, "other": "x" * 10**6})
+    assert len(text) <= 80 and text.startswith("{'key': [0, 1, 2, 3, ...]")
+    assert len(short("y" * 10**6, limit=30)) == 30
