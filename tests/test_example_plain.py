@@ -3,6 +3,7 @@ uninterrupted run's weights, and `python -m repro verify` finds it reproducible.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def test_stopped_and_killed_runs_resume_to_the_uninterrupted_weights(tmp_path):
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
     process.kill()
-    process.wait()
+    assert process.wait() == -signal.SIGKILL  # the kill landed: the run had not finished on its own
     assert run_example(run_dir, "--workers", "0") == reference  # the worker count is not part of the result
 
 
