@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cifar import tta
 from cifar.models import model_names
 from repro.files import DECIMAL_FLOAT, DECIMAL_INT, RunFileError, parse_yaml_mapping
 from repro.report import short
@@ -326,8 +327,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError("lr must be positive; warmup_epochs and weight_decay must not be negative")
     if config.crop_padding < 0 or config.whiten_bias_epochs < 0 or config.lookahead_every < 0:
         raise ConfigError("crop_padding, whiten_bias_epochs and lookahead_every must not be negative")
-    if not 0 <= config.tta_level <= 2:
-        raise ConfigError(f"tta_level must be 0, 1 or 2, got {config.tta_level}")
+    if not 0 <= config.tta_level <= tta.MAX_LEVEL:
+        raise ConfigError(f"tta_level must be in [0, {tta.MAX_LEVEL}], got {config.tta_level}")
     for name in ("warmup_start_factor", "final_lr_factor"):
         if not 0 <= getattr(config, name) <= 1:
             raise ConfigError(f"{name} must be in [0, 1], got {getattr(config, name)}")

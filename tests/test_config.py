@@ -28,6 +28,7 @@ def test_yaml_fills_and_flags_override(tmp_path):
         ("- a list\n", "must hold a mapping"),
         ("epochs: '1\n", "is not valid YAML"),
         ("seed: null\n", "'seed' cannot be empty"),
+        ("tta_level: 3\n", r"tta_level must be in \[0, 2\], got 3"),  # cifar/tta.py's levels
     ],
 )
 def test_bad_yaml_values_are_named(tmp_path, yaml_text, message):
