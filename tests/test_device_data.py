@@ -86,7 +86,7 @@ def test_a_samples_augmentation_does_not_depend_on_its_batch_or_rank(splits):
         assert torch.equal(global_batch[1], torch.cat([labels for _, labels in shards]))
 
 
-@pytest.mark.parametrize("augment_ahead", [1, 70, 96])  # a batch, two batches and a part, the whole epoch
+@pytest.mark.parametrize("augment_ahead", [1, 70, 96])  # a batch a pass; two, then one; the whole epoch
 @pytest.mark.parametrize("start_batch", [0, 1])
 def test_batches_augmented_ahead_are_each_batch_as_augmented_alone(splits, augment_ahead, start_batch):
     batches = train_batches(
