@@ -12,9 +12,9 @@ linear layer on the flattened image) and on images of ``--side`` x ``--side``
 pixels (3 by default, the least the recipe's reflect padding of 2 allows), so
 that little is left but the Python and dispatch work of each step. Target
 (issue 12): at most 1 ms per step. For scale, a whole airbench94 step takes
-about 4.5 ms on an H100. Beside it, a bare hand-written
-loop over the same model and optimizer, its batches made beforehand: the host
-time no loop can go below.
+about 4.5 ms on an H100. Beside it runs a bare hand-written loop over the same
+model, optimizer and schedule, its batches made beforehand: the host time that
+any loop of this model and optimizer spends.
 
 The figure is this thread's CPU time (``time.thread_time``) from the request
 of an epoch's first batch to the end of its last step, over its steps: on a
