@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from cifar import tracking
 from cifar.build import Batches, build_loaders, build_model_for, claim_run_folder, make_accelerator, to_device
-from cifar.checkpoint import REPO, Progress, Training, resume, save_checkpoint
+from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
 from cifar.data import DataError, Splits, load_splits
 from cifar.lookahead import Lookahead
@@ -53,6 +53,8 @@ from repro.stop import GracefulStop
 from repro.trace import StepTracer
 from repro.weights import state_dict_sha256
 
+REPO = Path(__file__).resolve().parent  # its git state goes into the environment fingerprint
+
 
 def main(argv: list[str] | None = None) -> int:
     """Train one run, or continue it; returns the exit status (128 + N when signal N stopped it)."""
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     determinism = configure_determinism(config.determinism)
 
     accelerator = make_accelerator(config, run_dir_of(config))
+    # Taken once, before the data loads: the commit of the code this process runs, whatever
+    # the checkout holds by the time a checkpoint or the manifest records it.
+    environment = environment_fingerprint(accelerator.num_processes, REPO)
     seeds = SeedPlan(config.seed, config.model_seed, config.order_seed, config.aug_seed)
     seed_everything(seeds, accelerator.process_index)
     run_dir = claim_run_folder(config, accelerator)
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         total_steps = config.epochs * len(sampler)
         lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, total_steps)
     training = Training(
-        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), lookahead
+        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), environment, lookahead
     )
 
     metrics = MetricsLog(run_dir / METRICS_FILE)
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     with GracefulStop() as stop:
         result, stopped_by = train(training, train_batches, test_batches, metrics, progress, loss_sum, tracer, stop)
     if stopped_by is None:
-        save(config, run_dir, accelerator, model, seeds, determinism, splits, result, progress)
+        save(training, seeds, determinism, splits, result, progress)
         accelerator.wait_for_everyone()
         accelerator.print(f"final test accuracy {result['test_accuracy']:.2%}")
         accelerator.print(f"run folder: {run_dir}")
@@ -299,10 +304,7 @@ def evaluate(
 
 
 def save(
-    config: TrainConfig,
-    run_dir: Path,
-    accelerator: Accelerator,
-    model: nn.Module,
+    training: Training,
     seeds: SeedPlan,
     determinism: dict,
     splits: Splits,
@@ -310,7 +312,9 @@ def save(
     progress: Progress,
 ) -> None:
     """Write the final weights, the manifest and the training curves (main process only)."""
-    model_state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    config, run_dir, accelerator = training.config, training.run_dir, training.accelerator
+    unwrapped = accelerator.unwrap_model(training.model)
+    model_state = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
     if not accelerator.is_main_process:
         return
     write_weights(run_dir / WEIGHTS_FILE, model_state)
@@ -327,7 +331,7 @@ def save(
         "mixed_precision": accelerator.mixed_precision,  # what ran: the config may say auto
         "python_hash_seed": os.environ.get("PYTHONHASHSEED"),
         "dataset_sha256": splits.fingerprint(),
-        "environment": environment_fingerprint(accelerator.num_processes, REPO),
+        "environment": training.environment,
         "config": config_to_dict(config),
     }
     write_manifest(run_dir, manifest, RESULT_NEUTRAL_KEYS)

@@ -69,6 +69,7 @@ from cifar.lookahead import Lookahead
 from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
 from repro.determinism import configure_determinism
+from repro.fingerprint import environment_fingerprint
 from repro.seeds import SeedPlan
 from repro.stop import GracefulStop
 
@@ -110,8 +111,9 @@ def build(args: argparse.Namespace, run_dir: Path) -> tuple[Training, train.Batc
     lookahead = None
     if config.lookahead_every:
         lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, config.epochs * len(sampler))
+    environment = environment_fingerprint(accelerator.num_processes, benchlib.REPO)
     training = Training(
-        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), lookahead
+        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), environment, lookahead
     )
     return training, train_batches, test_batches
 

@@ -31,12 +31,10 @@ from cifar.lookahead import Lookahead
 from cifar.outputs import MetricsLog
 from repro.checkpoint import Checkpoint, Checkpointer, check_structure
 from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256
-from repro.fingerprint import compare_fingerprints, environment_fingerprint
+from repro.fingerprint import compare_fingerprints
 from repro.loader import GlobalBatchSampler
 from repro.manifest import CHECKPOINTS_DIR
 from repro.report import short
-
-REPO = Path(__file__).resolve().parent.parent  # its git state goes into the environment fingerprint
 
 LOOKAHEAD_KEY = "lookahead"  # the tensor group of the lookahead's slow weights, when the run has them
 
@@ -153,6 +151,9 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: GlobalBatchSampler
     dataset_sha256: str  # Splits.fingerprint(): a checkpoint resumes only on the data it was trained on
+    # repro.fingerprint.environment_fingerprint, taken once as the run starts: the commit of the code
+    # it loaded, which checkpoints and the manifest record even if the checkout moves on meanwhile.
+    environment: dict[str, Any]
     lookahead: Lookahead | None = None
 
 
@@ -193,7 +194,7 @@ def save_checkpoint(
             "test_accuracy": test_accuracy,
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "config": config_to_dict(config),
-            "environment": environment_fingerprint(accelerator.num_processes, REPO),
+            "environment": training.environment,
             "dataset_sha256": training.dataset_sha256,
         },
         rank_progress={"loss_sum": loss_sum.item()},
@@ -242,9 +243,7 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
         accelerator.print("resume: no checkpoint yet; starting from scratch")
         return Progress(), loss_sum
     state = restored.progress
-    for difference in compare_fingerprints(
-        state["environment"], environment_fingerprint(accelerator.num_processes, REPO)
-    ):
+    for difference in compare_fingerprints(state["environment"], training.environment):
         warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])

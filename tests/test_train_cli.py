@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -124,3 +125,34 @@ def test_half_configured_launcher_environment_is_a_usage_error(tmp_path):
     assert result.returncode == 2
     assert "cannot form the process group" in result.stderr and "MASTER_ADDR" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_records_the_commit_it_started_from_though_the_checkout_moves_on(tmp_path):
+    # A checkout of the code, committed to while a run from it trains: the run's checkpoints and
+    # manifest name the commit of the code it loaded, not whatever the checkout holds at each write.
+    checkout, run_dir = tmp_path / "checkout", tmp_path / "run"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True, timeout=60)
+    git = ["git", "-C", str(checkout), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    started_from = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    command = [
+        sys.executable,
+        str(checkout / "train.py"),
+        *TINY,
+        "--checkpoint-every",
+        "1",
+        "--output-dir",
+        str(run_dir),
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    while not (run_dir / "checkpoints" / "step-00000002").exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "moved on"], check=True, timeout=60)
+    assert process.poll() is None  # the run was still training when its checkout moved on
+    assert process.wait(timeout=240) == 0, process.stderr.read()[-3000:]
+    recorded = [read_manifest(run_dir)["environment"]["git_commit"]]
+    recorded += [
+        json.loads(path.read_text())["environment"]["git_commit"] for path in run_dir.glob("checkpoints/*/state.json")
+    ]
+    assert len(recorded) >= 3 and set(recorded) == {started_from.strip()}
