@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
@@ -148,6 +149,7 @@ def test_a_run_records_the_commit_it_started_from_though_the_checkout_moves_on(t
     )
     while not (run_dir / "checkpoints" / "step-00000002").exists():
         assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.01)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "moved on"], check=True, timeout=60)
     assert process.poll() is None  # the run was still training when its checkout moved on
     assert process.wait(timeout=240) == 0, process.stderr.read()[-3000:]
