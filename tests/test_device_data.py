@@ -175,6 +175,8 @@ def test_device_pipeline_resumes_bitwise_after_kill_9(device_reference, tmp_path
     assert_same_run(run_dir, device_reference)
 
 
+# test_run_folder.py refuses a resume whose settings differ; the unit tests above check the augmentation
+@pytest.mark.slow
 def test_pipeline_is_part_of_the_run_and_changes_the_augmentation(device_reference, tmp_path):
     stopped = tmp_path / "stopped"
     train_ok(stopped, *DEVICE, "--cutout", "8", "--max-steps", "3")
