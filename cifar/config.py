@@ -75,7 +75,7 @@ class TrainConfig:
     data_pipeline: Literal["dataloader", "device"] = _field(
         "device",
         "device: the dataset (every dataset here is loaded into memory) on the device (GPU or CPU), augmented "
-        "there a batch at a time, no workers: it keeps a GPU fed; dataloader: torchvision transforms per sample "
+        "there many batches at once, no workers: it keeps a GPU fed; dataloader: torchvision transforms per sample "
         "in worker processes, for transforms of your own",
     )
     num_workers: int = _field(

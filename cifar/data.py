@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision import transforms
 
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -246,6 +245,10 @@ TRAIN_TRANSFORM_GENERATORS = ("torch",)
 def train_transform(splits: Splits, cutout: int, padding: int = 4, padding_mode: str = "zeros") -> nn.Module:
     """Random crop from the image padded by ``padding`` pixels (``padding_mode`` "zeros" or
     "reflect"), horizontal flip, normalise, optional cutout."""
+    # Imported here, not above: torchvision takes about 2 s to import (its models, ops and
+    # torch._dynamo), time that a run on the device pipeline has no use for.
+    from torchvision import transforms
+
     fill_mode = {"zeros": "constant", "reflect": "reflect"}[padding_mode]
     steps: list[nn.Module] = [
         transforms.RandomCrop(IMAGE_SIZE, padding=padding, padding_mode=fill_mode),
@@ -260,6 +263,8 @@ def train_transform(splits: Splits, cutout: int, padding: int = 4, padding_mode:
 
 def test_transform(splits: Splits) -> nn.Module:
     """Normalise only: evaluation is deterministic."""
+    from torchvision import transforms
+
     return transforms.Compose(
         [transforms.ConvertImageDtype(torch.float32), transforms.Normalize(splits.mean, splits.std)]
     )

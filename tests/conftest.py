@@ -23,8 +23,9 @@ TINY = [
     "--batch-size", "32",
     "--lr", "0.05",
     "--num-workers", "0",
-    "--data-pipeline", "dataloader",  # the tests of workers and transforms; test_device_data.py tests the default
 ]  # fmt: skip
+# The default pipeline above (device) does not start torchvision; the tests of workers and transforms add this.
+DATALOADER = ["--data-pipeline", "dataloader"]
 
 
 def free_port() -> int:
@@ -81,4 +82,12 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny run with the default seed, shared by the tests that compare against it."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     train_ok(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def dataloader_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference run's settings on the DataLoader pipeline, with no worker process."""
+    run_dir = tmp_path_factory.mktemp("dataloader") / "run"
+    train_ok(run_dir, *DATALOADER)
     return run_dir

@@ -30,4 +30,7 @@ else:
     line = f"rank {accelerator.process_index} drew {drawn} samples\n"
 sys.stdout.write(line)  # one write, so that the other rank's line cannot split it
 sys.stdout.flush()
+# Nothing above is collective, so a rank could exit while the other is still
+# connecting to it, and gloo would fail that rank's init: wait for both first.
+accelerator.wait_for_everyone()
 accelerator.end_training()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, TINY, clean_env, free_port, read_manifest, read_metrics
+from conftest import DATALOADER, REPO, TINY, clean_env, free_port, read_manifest, read_metrics
 from test_resume import assert_same_run, wait_for_checkpoint
 from test_trackers import logged_scalars
 
@@ -100,6 +100,15 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_matches(two_proce
     assert sorted(p.name for p in stopped.glob("rank-*.json")) == ["rank-0.json", "rank-1.json"]
     launch_two_processes(run_dir, "--resume", "latest", "--checkpoint-every", "1")
     assert_same_run(run_dir, two_process_run)
+
+
+def test_two_processes_on_the_dataloader_resume_bitwise(tmp_path):
+    # The tests above run the default pipeline (device); this one the DataLoader's.
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch_two_processes(whole, *DATALOADER)
+    launch_two_processes(resumed, *DATALOADER, "--max-steps", "5")
+    launch_two_processes(resumed, *DATALOADER, "--resume", "latest")
+    assert_same_run(resumed, whole)
 
 
 def test_two_nodes_on_one_machine_match_one_launcher(two_process_run, tmp_path):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
+from conftest import DATALOADER, REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
 
 from repro import checkpoint_format as checkpoint
 
@@ -36,11 +36,12 @@ def test_stop_mid_epoch_with_max_steps_then_resume_latest(reference_run, tmp_pat
 
 
 @pytest.mark.slow  # test_example_plain.py resumes with 0 workers a run begun with 2
-def test_resume_with_workers_gives_the_same_weights(reference_run, tmp_path):
-    run_dir = tmp_path / "run"
-    train_ok(run_dir, "--max-steps", "11", "--num-workers", "2")
+def test_resume_with_workers_gives_the_same_weights(tmp_path):
+    run_dir, whole = tmp_path / "run", tmp_path / "whole"
+    train_ok(whole, *DATALOADER)
+    train_ok(run_dir, *DATALOADER, "--max-steps", "11", "--num-workers", "2")
     train_ok(run_dir, "--resume", "latest", "--num-workers", "2")
-    assert_same_run(run_dir, reference_run)
+    assert_same_run(run_dir, whole)
 
 
 def start_training(run_dir: Path, *args: str) -> subprocess.Popen:

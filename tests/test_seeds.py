@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,15 +166,17 @@ def test_every_stream_is_named_once_and_listed_in_the_table():
     assert all(getattr(repro.seeds, f"{stream.upper()}_STREAM") == stream for stream in STREAMS)
 
 
-def test_the_manifest_records_the_seeds_the_components_used(reference_run: Path):
-    manifest = read_manifest(reference_run)
+# The device pipeline draws from no loader generator, and its manifest lists none.
+LOADERS_OF_RUN = [("reference_run", []), ("dataloader_run", ["train_loader", "test_loader"])]
+
+
+@pytest.mark.parametrize(("run", "loaders"), LOADERS_OF_RUN)
+def test_the_manifest_records_the_seeds_the_components_used(run: str, loaders: list[str], request):
+    manifest = read_manifest(request.getfixturevalue(run))
     recorded, config = manifest["seeds"], manifest["config"]
     plan = SeedPlan(config["seed"], config["model_seed"], config["order_seed"], config["aug_seed"])
     assert recorded["runtime_rank0"] == seed_everything(plan, rank=0)["runtime_seed"]
-    used = {
-        "train_loader_rank0": plan.generator("train_loader", 0),
-        "test_loader_rank0": plan.generator("test_loader", 0),
-    }
+    used = {f"{name}_rank0": plan.generator(name, 0) for name in loaders}
     assert {name: recorded.get(name) for name in used} == {name: g.initial_seed() for name, g in used.items()}
     sampler = GlobalBatchSampler(config["synthetic_train_size"], config["batch_size"], plan)
     order = torch.randperm(

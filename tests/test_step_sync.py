@@ -14,15 +14,16 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, TINY, clean_env, read_manifest
+from conftest import DATALOADER, REPO, TINY, clean_env, read_manifest
 
 
 def test_no_synchronising_call_in_the_training_steps(tmp_path):
-    device = [*TINY, "--data-pipeline", "device", "--output-dir", str(tmp_path / "device")]
+    device = [*TINY, "--output-dir", str(tmp_path / "device")]
     # One worker: the DataLoader's per-sample work (which reads CPU tensors) runs outside
     # the training process, as on a GPU machine. Two chunks take the step through no_sync.
-    dataloader = [*TINY, "--num-workers", "1", "--grad-accum-steps", "2", "--output-dir", str(tmp_path / "dataloader")]
-    self_check = ["--self-check", *TINY, "--data-pipeline", "device", "--output-dir", str(tmp_path / "self-check")]
+    dataloader = [*TINY, *DATALOADER, "--num-workers", "1", "--grad-accum-steps", "2"]
+    dataloader += ["--output-dir", str(tmp_path / "dataloader")]
+    self_check = ["--self-check", *TINY, "--output-dir", str(tmp_path / "self-check")]
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "sync_probe.py"), *device, "--", *dataloader, "--", *self_check],
         cwd=REPO,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, clean_env, free_port, read_manifest, train_ok
+from conftest import DATALOADER, REPO, TINY, clean_env, free_port, read_manifest, train_ok
 
 from repro.__main__ import main
 from repro.augment import SeededAugmentation
@@ -133,24 +133,24 @@ def test_verify_under_accelerate_launch_traces_every_rank(tmp_path, child_env):
 # --------------------------------------------------------------------------- guarantees
 
 
-def test_num_workers_do_not_change_the_weights(reference_run, tmp_path, capsys):
-    expected = read_manifest(reference_run)["weights_sha256"]  # num_workers 0
-    for workers in ("1", "3"):
-        manifest = train_ok(tmp_path / f"workers-{workers}", "--num-workers", workers)
+def test_num_workers_do_not_change_the_weights(dataloader_run, tmp_path, capsys):
+    no_worker, one_worker, three_workers = dataloader_run, tmp_path / "workers-1", tmp_path / "workers-3"
+    expected = read_manifest(no_worker)["weights_sha256"]
+    for run_dir, workers in ((one_worker, "1"), (three_workers, "3")):
+        manifest = train_ok(run_dir, *DATALOADER, "--num-workers", workers)
         assert manifest["weights_sha256"] == expected, f"num_workers={workers}"
 
     # compare: the manifests name num_workers result-neutral, so the runs are the same result.
-    one_worker = tmp_path / "workers-1"
-    ignore_git_moves(reference_run, one_worker)
+    ignore_git_moves(no_worker, one_worker)
     assert "num_workers" in read_manifest(one_worker)["result_neutral_keys"]
-    assert main(["compare", str(reference_run), str(one_worker)]) == SAME
+    assert main(["compare", str(no_worker), str(one_worker)]) == SAME
     printed = capsys.readouterr().out
     assert "same result; the configs differ only in result-neutral keys: num_workers, output_dir" in printed
     # A manifest that names no result-neutral keys (written before the field) ignores only the run's location.
     manifest = read_manifest(one_worker)
     del manifest["result_neutral_keys"]
     (one_worker / "manifest.json").write_text(json.dumps(manifest))
-    report = compare_runs(reference_run, one_worker)
+    report = compare_runs(no_worker, one_worker)
     assert report.status == DIFFERENT, report.lines
     assert report.lines[0].startswith("runs differ in: config ") and "  num_workers: 0 -> 1" in report.lines
 
