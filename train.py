@@ -33,12 +33,18 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar import tracking
-from cifar.build import Batches, build_loaders, build_model_for, claim_run_folder, make_accelerator, to_device
+from cifar.build import (
+    Batches,
+    build_loaders,
+    build_model_for,
+    claim_run_folder,
+    make_accelerator,
+    prepare_training,
+    to_device,
+)
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
 from cifar.data import DataError, Splits, load_splits
-from cifar.lookahead import Lookahead
-from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog, resolve_config, run_dir_of, write_config, write_weights
 from cifar.plots import plot_curves
 from cifar.tta import tta_logits
@@ -78,15 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds, accelerator)
-    optimizer, scheduler = build_optimizer(config, model, len(sampler))
-    model, optimizer = accelerator.prepare(model, optimizer)  # not the loaders: they shard themselves
-    lookahead = None
-    if config.lookahead_every:
-        total_steps = config.epochs * len(sampler)
-        lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, total_steps)
-    training = Training(
-        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), environment, lookahead
-    )
+    training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
 
     metrics = MetricsLog(run_dir / METRICS_FILE)
     progress, loss_sum = resume(training, metrics)

@@ -25,6 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+SPEEDRUN_CONFIG = REPO / "configs" / "cifar10_speedrun.yaml"
 
 DETERMINISM_MODES = ("strict", "off", "strict+fill")  # what set_determinism accepts
 

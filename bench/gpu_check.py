@@ -438,7 +438,7 @@ def speedrun_seconds(records: list[dict[str, Any]]) -> tuple[float, float]:
 def stage_f(report: Report, device: torch.device, out: Path, data: Path, smoke: bool) -> None:
     """The speedrun recipe: accuracy and GPU seconds for three seeds, a bitwise repeat,
     determinism off, and train.py's step rate against the bare step."""
-    base = ["--config", str(benchlib.REPO / "configs" / "cifar10_speedrun.yaml"), "--dataset", "imagefolder",
+    base = ["--config", str(benchlib.SPEEDRUN_CONFIG), "--dataset", "imagefolder",
             "--data-dir", str(data), "--mixed-precision", "bf16"]  # fmt: skip
     if smoke:
         base += ["--max-steps", "1", "--batch-size", "16", "--mixed-precision", "no"]

@@ -60,12 +60,11 @@ import torch
 from torch import nn
 
 import train
-from cifar.build import build_loaders, make_accelerator
+from cifar.build import build_loaders, make_accelerator, prepare_training
 from cifar.checkpoint import Progress, Training
 from cifar.config import TrainConfig, parse_config
 from cifar.data import ImageArray, Splits
 from cifar.device_data import augmentation_params
-from cifar.lookahead import Lookahead
 from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
 from repro.determinism import configure_determinism
@@ -74,7 +73,6 @@ from repro.seeds import SeedPlan
 from repro.stop import GracefulStop
 
 NUM_CLASSES = 10
-SPEEDRUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_speedrun.yaml"
 WHOLE_STEP, NEXT_BATCH, BATCH, TRAINING_STEP = "whole step", "next batch", "DeviceTrainBatches.batch", "training_step"
 FINISH_EPOCH = "finish_epoch"  # the epoch's evaluation and checkpoint: per-epoch work, left out of the step
 OPTIMIZER = ("optimizer.step", "scheduler.step", "optimizer.zero_grad")
@@ -106,33 +104,24 @@ def build(args: argparse.Namespace, run_dir: Path) -> tuple[Training, train.Batc
     seeds = SeedPlan(config.seed)
     splits = tiny_splits(args.steps * args.batch_size, args.side)
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
-    model, optimizer, scheduler = trivial_model(config, accelerator.device, args.side, len(sampler))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    lookahead = None
-    if config.lookahead_every:
-        lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, config.epochs * len(sampler))
+    model = trivial_model(config, accelerator.device, args.side)
     environment = environment_fingerprint(accelerator.num_processes, benchlib.REPO)
-    training = Training(
-        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), environment, lookahead
-    )
+    training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
     return training, train_batches, test_batches
 
 
-def trivial_model(
-    config: TrainConfig, device: torch.device, side: int, steps_per_epoch: int
-) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """One linear layer on the flattened image, on ``device``, with train.py's optimizer and schedule."""
+def trivial_model(config: TrainConfig, device: torch.device, side: int) -> nn.Module:
+    """One linear layer on the flattened image, on ``device``."""
     torch.manual_seed(config.seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * side**2, NUM_CLASSES)).to(device)
-    optimizer, scheduler = build_optimizer(config, model, steps_per_epoch)
-    return model, optimizer, scheduler
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * side**2, NUM_CLASSES)).to(device)
 
 
 def bare_loop(args: argparse.Namespace, config: TrainConfig, device: torch.device, precision: str) -> list[float]:
     """CPU µs per step of a hand-written loop over the same model and batches: forward (in the
     run's autocast), loss, backward, optimizer and scheduler steps, zero_grad. Its batches are
     made before the clock starts: what no loop can do with less host work. One figure an epoch."""
-    model, optimizer, scheduler = trivial_model(config, device, args.side, args.steps)
+    model = trivial_model(config, device, args.side)
+    optimizer, scheduler = build_optimizer(config, model, args.steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     images = torch.randn(args.steps * args.batch_size, 3, args.side, args.side, device=device)
     labels = torch.randint(0, NUM_CLASSES, (len(images),), device=device)
@@ -266,7 +255,9 @@ def profile(args: argparse.Namespace, run_dir: Path, top: int) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(SPEEDRUN_CONFIG), help="the recipe whose loop is run, its model aside")
+    parser.add_argument(
+        "--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is run, its model aside"
+    )
     parser.add_argument("--batch-size", type=int, default=1024, help="global batch (the speedrun recipe's)")
     parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
     parser.add_argument("--repeats", type=int, default=5, help="epochs of the whole loop; each gives a figure")

@@ -35,19 +35,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from cifar.build import build_loaders, build_model_for, make_accelerator
+from cifar.build import build_loaders, build_model_for, make_accelerator, prepare_training
 from cifar.checkpoint import Progress, Training
 from cifar.config import parse_config
 from cifar.data import load_splits
-from cifar.lookahead import Lookahead
-from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
 from repro.determinism import configure_determinism
 from repro.fingerprint import environment_fingerprint
 from repro.seeds import SeedPlan
 from repro.stop import GracefulStop
-
-SPEEDRUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_speedrun.yaml"
 
 
 class OperationCounter(TorchDispatchMode):
@@ -79,15 +75,8 @@ def build(args: argparse.Namespace, run_dir: Path) -> tuple[Training, train.Batc
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds, accelerator)
-    optimizer, scheduler = build_optimizer(config, model, len(sampler))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    lookahead = None
-    if config.lookahead_every:
-        lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, config.epochs * len(sampler))
     environment = environment_fingerprint(accelerator.num_processes, benchlib.REPO)
-    training = Training(
-        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), environment, lookahead
-    )
+    training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
     return training, train_batches, test_batches
 
 
@@ -143,7 +132,7 @@ def bare_operations(training: Training, train_batches: train.Batches) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(SPEEDRUN_CONFIG), help="the recipe whose loop is counted")
+    parser.add_argument("--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is counted")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch; the count does not depend on it")
     parser.add_argument("--steps", type=int, default=10, help="steps per epoch")
     parser.add_argument("--json", help="also write the figures to this file")

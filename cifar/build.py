@@ -1,12 +1,14 @@
 """Build a run's objects from its config: the Accelerator, the run folder, the
-batches and the model. train.py calls these in order; each checks what it can
-refuse with one line (UsageError) before anything is written or trained.
+batches, the model and the rest of what the loop steps. train.py calls these in
+order; each checks what it can refuse with one line (UsageError) before anything
+is written or trained. The benchmarks of train.py's loop build it with them too.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -15,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from cifar import tracking
+from cifar.checkpoint import Training
 from cifar.config import ConfigError, TrainConfig, UsageError, resolve_mixed_precision
 from cifar.data import (
     TRAIN_TRANSFORM_GENERATORS,
@@ -25,7 +28,9 @@ from cifar.data import (
     train_transform,
 )
 from cifar.device_data import DeviceTestBatches, DeviceTrainBatches, normalize
+from cifar.lookahead import Lookahead
 from cifar.models import SpeedrunNet, build_model
+from cifar.optim import build_optimizer
 from cifar.outputs import claim_run_dir, run_dir_of
 from repro.audit import audit_model
 from repro.augment import SeededAugmentation
@@ -181,6 +186,30 @@ def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accele
     if memory_format(config, accelerator) == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if config.compile else model
+
+
+def prepare_training(
+    config: TrainConfig,
+    run_dir: Path,
+    accelerator: Accelerator,
+    model: nn.Module,
+    sampler: GlobalBatchSampler,
+    splits: Splits,
+    environment: dict[str, Any],
+) -> Training:
+    """Give ``model`` its optimizer and schedule, let accelerate prepare the model and the
+    optimizer (not the loaders: they shard themselves), and add the lookahead if the config
+    has one: the objects the loop steps and a checkpoint saves. Call it after building the
+    model and the loaders; ``environment`` is the fingerprint taken as the run started."""
+    optimizer, scheduler = build_optimizer(config, model, len(sampler))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lookahead = None
+    if config.lookahead_every:
+        total_steps = config.epochs * len(sampler)
+        lookahead = Lookahead(accelerator.unwrap_model(model), config.lookahead_every, total_steps)
+    return Training(
+        config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), environment, lookahead
+    )
 
 
 def memory_format(config: TrainConfig, accelerator: Accelerator) -> torch.memory_format:
