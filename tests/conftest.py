@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -68,6 +69,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def without_timing(rows: list[dict]) -> list[dict]:
     """Metrics rows without the fields that measure speed, which no two runs share."""
     return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in rows]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """train.py stopped with exit status 2 and one short line on stderr, ``train.py: error: ...``,
+    holding every fragment: no traceback, no warning, nothing else but the progress bars
+    of a run stopped while it trained. Returns the line."""
+    lines = [line for line in result.stderr.strip().splitlines() if not re.match(r"epoch \d+/\d+: ", line)]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), result.stderr[-2000:]
+    assert len(lines[0]) < 500, lines[0][:2000]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 def train_ok(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, clean_env, read_manifest, run_train, train_ok
+from conftest import REPO, TINY, assert_one_line_error, clean_env, read_manifest, run_train, train_ok
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_distributed_runs import two_process_command
@@ -126,17 +126,6 @@ DAMAGE: dict[int, tuple[Callable[[Path], None], str]] = {
     4: (reshape_classifier, "model.safetensors: classifier.weight is (5, 64)"),
     3: (lambda f: edit_state(f, set_key("version", 1)), "has format version 1; this code reads version 2"),
 }
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit status 2 and no traceback; the last line of stderr is the error and holds every fragment."""
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("train.py: error: "), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 def test_auto_falls_back_past_every_damaged_checkpoint_and_ignores_links(many_checkpoints, reference_run, tmp_path):

@@ -11,20 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, clean_env, read_manifest, run_train, train_ok
+from conftest import REPO, TINY, assert_one_line_error, clean_env, read_manifest, run_train, train_ok
 from test_pipeline import IMAGEFOLDER, make_folder
 
 from cifar.config import ConfigError, load_yaml, parse_config
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
-    """Exit status 2 and one short line on stderr that says ``message``, no traceback."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), result.stderr[-2000:]
-    assert message in lines[0] and len(lines[0]) < 300, lines[0][:2000]
 
 
 def write_config(tmp_path: Path, content: str | bytes) -> str:

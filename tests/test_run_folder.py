@@ -17,7 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, clean_env, free_port, read_manifest, read_metrics, run_train, train_ok
+from conftest import (
+    REPO,
+    TINY,
+    assert_one_line_error,
+    clean_env,
+    free_port,
+    read_manifest,
+    read_metrics,
+    run_train,
+    train_ok,
+)
 
 LOCK = ".repro-run.lock"
 
@@ -29,13 +39,6 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 
 def copy_of(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    assert len([line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]) == 1
 
 
 @pytest.mark.parametrize(
