@@ -20,7 +20,11 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cifar.build import Batches
+    from cifar.checkpoint import Training
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -104,6 +108,28 @@ def run_process(command: list[str], **kwargs: Any) -> subprocess.CompletedProces
     if result.returncode != 0:
         sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}")
     return result
+
+
+def train_py_objects(arguments: list[str], run_dir: Path) -> tuple[Training, Batches, Batches]:
+    """train.py's training objects for its command-line ``arguments``, built in ``run_dir`` as its
+    ``main`` builds them (cifar/build.py): the Training, the training batches, the test batches.
+    Unlike a run, it claims no run folder and seeds no global generator."""
+    from cifar.build import build_loaders, build_model_for, make_accelerator, prepare_training
+    from cifar.config import parse_config
+    from cifar.data import load_splits
+    from repro.fingerprint import environment_fingerprint
+    from repro.seeds import SeedPlan
+
+    config = parse_config([*arguments, "--output-dir", str(run_dir), "--log-with", "none"])
+    run_dir.mkdir(parents=True)
+    accelerator = make_accelerator(config, run_dir)
+    seeds = SeedPlan(config.seed, config.model_seed, config.order_seed, config.aug_seed)
+    splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
+    train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
+    model = build_model_for(config, splits, seeds, accelerator)
+    environment = environment_fingerprint(accelerator.num_processes, REPO)
+    training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
+    return training, train_batches, test_batches
 
 
 def set_determinism(mode: str) -> None:

@@ -40,6 +40,14 @@ f. With a CIFAR-10 folder: the speedrun recipe (``configs/cifar10_speedrun.yaml`
    bare training step at batch 1024 in bf16 strict (as stage c measures) and
    train.py's rate over epochs 2 on against it (target >= 0.9).
 
+g. Whether the GPU waits for the host in train.py's steps
+   (bench/step_timeline.py: a torch.profiler timeline of the speedrun recipe's
+   loop on synthetic data, its network at batch 1024, bf16, strict; the steps
+   of its second epoch): the fraction of the steps' time the GPU ran work, the
+   calls inside the steps that waited for the GPU (there should be none), and
+   the longest gaps in the GPU's work with the parts of the step the host was
+   in meanwhile. The timeline itself is kept (``step_timeline_trace.json.gz``).
+   Not in the default set; under a minute.
 h. Host time per step of train.py's own loop on this machine
    (bench/host_overhead.py: the speedrun recipe's loop, the device pipeline at
    batch 1024, on a one-layer model, so that the GPU's work is negligible and
@@ -369,6 +377,35 @@ def stage_d(report: Report, out: Path, smoke: bool) -> None:
             report.add("d", name, verdict, f"{speed:.0f} img/s; resnet9 bf16 strict trains {trained:.0f} img/s")
 
 
+def stage_g(report: Report, out: Path, smoke: bool) -> None:
+    """Whether the GPU waits for the host during train.py's steps (bench/step_timeline.py): the
+    fraction of the steps' time the GPU was busy, the waits inside the steps, the longest gap."""
+    json_path, trace_path = out / "step_timeline.json", out / "step_timeline_trace.json.gz"
+    command = [sys.executable, str(benchlib.REPO / "bench" / "step_timeline.py"), "--json", str(json_path),
+               "--trace", str(trace_path)]  # fmt: skip
+    if smoke:
+        command += ["--steps", "2", "--batch-size", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    (out / "step_timeline.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        report.add("g", "GPU busy in train.py's steps", "FAIL", last_line[:160])
+        return
+    figures = json.loads(json_path.read_text())
+    report.figures["g_step_timeline"] = {key: figures[key] for key in figures if key not in ("environment", "settings")}
+    waits = figures["waiting_calls"] or "none"
+    detail = f"per step {figures['wall_us_per_step']:.0f} µs wall; waits for the GPU inside the steps: {waits}"
+    if not figures["gpu_activity_recorded"]:
+        report.add("g", "GPU busy in train.py's steps", "measured", f"no GPU activity recorded; {detail}")
+        return
+    longest = figures["longest_gaps"][0] if figures["longest_gaps"] else None
+    if longest is not None:
+        during = ", ".join(f"{name} {time:.0f}" for name, time in list(longest["during_us"].items())[:2])
+        detail += f"; longest idle {longest['us']:.0f} µs (host in {during or 'no labelled part'})"
+    busy = f"{figures['gpu_busy_fraction']:.1%} ({figures['gpu_busy_us_per_step']:.0f} µs a step)"
+    report.add("g", "GPU busy in train.py's steps", "measured", f"{busy}; {detail}")
+
+
 def stage_h(report: Report, out: Path, smoke: bool) -> None:
     """train.py's host time per step (bench/host_overhead.py), its parts, and a cProfile in the log."""
     json_path = out / "host_overhead.json"
@@ -548,6 +585,7 @@ def main() -> int:
         "d": lambda: stage_d(report, args.out, args.cpu_smoke),
         "e": lambda: stage_e(report, args.out, args.data, args.cpu_smoke, deadline=started + args.budget_s),
         "f": lambda: stage_f(report, device, args.out, args.data, args.cpu_smoke),
+        "g": lambda: stage_g(report, args.out, args.cpu_smoke),
         "h": lambda: stage_h(report, args.out, args.cpu_smoke),
     }
     unknown = set(args.stages) - set(stages)
@@ -555,7 +593,7 @@ def main() -> int:
         print(f"gpu_check: unknown stages {''.join(sorted(unknown))}; stages are {''.join(stages)}", file=sys.stderr)
         return 2
     for stage in args.stages:
-        if stage in "bdefh" and missing:
+        if stage in "bdefgh" and missing:
             report.add(stage, "train.py", "skipped", f"train.py needs {', '.join(missing)} (missing)")
         elif stage in "ef" and args.data is None:
             report.add(stage, "CIFAR-10 runs", "skipped", "no CIFAR-10 folder given")

@@ -35,14 +35,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from cifar.build import build_loaders, build_model_for, make_accelerator, prepare_training
 from cifar.checkpoint import Progress, Training
-from cifar.config import parse_config
-from cifar.data import load_splits
 from cifar.outputs import MetricsLog
 from repro.determinism import configure_determinism
-from repro.fingerprint import environment_fingerprint
-from repro.seeds import SeedPlan
 from repro.stop import GracefulStop
 
 
@@ -62,22 +57,12 @@ class OperationCounter(TorchDispatchMode):
 
 def build(args: argparse.Namespace, run_dir: Path) -> tuple[Training, train.Batches, train.Batches]:
     """train.py's training objects for ``--config``, built as its ``main`` builds them, on synthetic data."""
-    config = parse_config(
-        [
-            *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
-            *("--synthetic-train-size", str(args.steps * args.batch_size), "--batch-size", str(args.batch_size)),
-            *("--epochs", "2", "--output-dir", str(run_dir), "--log-with", "none"),
-        ]
-    )
-    run_dir.mkdir(parents=True)
-    accelerator = make_accelerator(config, run_dir)
-    seeds = SeedPlan(config.seed)
-    splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
-    train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
-    model = build_model_for(config, splits, seeds, accelerator)
-    environment = environment_fingerprint(accelerator.num_processes, benchlib.REPO)
-    training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
-    return training, train_batches, test_batches
+    arguments = [
+        *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
+        *("--synthetic-train-size", str(args.steps * args.batch_size), "--batch-size", str(args.batch_size)),
+        *("--epochs", "2"),
+    ]
+    return benchlib.train_py_objects(arguments, run_dir)
 
 
 def train_py_operations(training: Training, train_batches: train.Batches, test_batches: train.Batches) -> dict:

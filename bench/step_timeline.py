@@ -1,0 +1,309 @@
+"""Where the GPU waits during train.py's steps: a torch.profiler timeline of its own loop.
+
+train.py's loop (``train.train``) runs the recipe of ``--config`` (the speedrun
+recipe's by default: its network, batch 1024, the device pipeline, bf16 on
+CUDA, strict determinism) on synthetic 32x32 images for two epochs. The steps
+of the second epoch are profiled (the first warms up cuDNN, the allocator and
+lazy state), from the request of its first batch to the start of its
+evaluation, where the host waits for the queued steps to finish. Its parts
+(the next batch, ``training_step``, the optimizer, scheduler and lookahead
+steps, the stop check) are labelled in the timeline.
+
+It prints, per step: the wall time; the time the GPU ran kernels, copies or
+fills (their union); the rest, in which the GPU waited for the host; the
+calls that made the host wait for the GPU inside the steps (a synchronize, a
+blocking copy, a copy from pageable memory), which there should be none of;
+the longest gaps in the GPU's work, with the parts of the step the host was
+in meanwhile; and the host time of each part. ``--trace`` keeps the timeline
+(gzipped Chrome trace JSON: chrome://tracing or https://ui.perfetto.dev).
+
+On a machine without CUDA it profiles the host alone: no GPU figures.
+
+    python bench/step_timeline.py
+    python bench/step_timeline.py --steps 24 --trace /tmp/steps.json.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import gzip
+import io
+import itertools
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import benchlib
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import train
+from cifar.checkpoint import Progress, Training
+from cifar.outputs import MetricsLog
+from repro.determinism import configure_determinism
+from repro.stop import GracefulStop
+
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+# CUDA runtime calls that return only when the GPU has done its queued work.
+WAITING_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+STEP_PREFIX = "train.py step "
+NEXT_BATCH = "next batch"
+LONGEST_GAPS = 5
+
+
+def label(name: str, function: Callable) -> Callable:
+    """``function``, its calls marked ``name`` in the timeline."""
+
+    @functools.wraps(function)
+    def labelled(*args: Any, **kwargs: Any) -> Any:
+        with record_function(name):
+            return function(*args, **kwargs)
+
+    return labelled
+
+
+class ProfiledLastEpoch:
+    """Training batches whose last epoch runs under ``profiler``, started when the epoch's
+    first batch is requested; each step, from one batch request to the next, is marked
+    ``STEP_PREFIX`` and its number in the timeline. :meth:`stop` ends the window."""
+
+    def __init__(self, batches: train.Batches, profiler: profile, epochs: int, on_cuda: bool) -> None:
+        self.batches = batches
+        self.profiler = profiler
+        self.epochs_left = epochs
+        self.on_cuda = on_cuda
+        self.profiling = False
+        self.steps = 0
+        self.step_mark: record_function | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.epochs_left -= 1
+        if self.epochs_left == 0:
+            self.synchronize()  # the window opens on an idle GPU
+            self.profiler.start()
+            self.profiling = True
+        iterator = iter(self.batches)
+        while True:
+            if self.profiling:
+                self.end_step()
+                self.steps += 1
+                self.step_mark = record_function(f"{STEP_PREFIX}{self.steps}")
+                self.step_mark.__enter__()
+            with record_function(NEXT_BATCH) if self.profiling else contextlib.nullcontext():
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield batch
+
+    def end_step(self) -> None:
+        if self.step_mark is not None:
+            self.step_mark.__exit__(None, None, None)
+            self.step_mark = None
+
+    def stop(self) -> None:
+        """End the last step, and the window once the GPU has run what the steps queued."""
+        if self.profiling:
+            self.end_step()
+            self.synchronize()
+            self.profiler.stop()
+            self.profiling = False
+
+    def synchronize(self) -> None:
+        if self.on_cuda:
+            torch.cuda.synchronize()
+
+
+def profile_steps(training: Training, train_batches: train.Batches, test_batches: train.Batches) -> dict[str, Any]:
+    """Run train.py's loop for the config's epochs, profiling the steps of the last; returns the trace."""
+    on_cuda = training.accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    profiler = profile(activities=activities)
+    batches = ProfiledLastEpoch(train_batches, profiler, training.config.epochs, on_cuda)
+    # train.py calls torch's optimizer itself when there is no gradient scaler; the
+    # scheduler's step is labelled on its class, where its checkpointed state does not see it.
+    optimizer = training.optimizer if training.accelerator.scaler is not None else training.optimizer.optimizer
+    finish_epoch = train.finish_epoch
+
+    def stop_then_finish_epoch(*args: Any, **kwargs: Any) -> dict[str, float]:
+        batches.stop()
+        return finish_epoch(*args, **kwargs)
+
+    labelled = [
+        (train, "training_step", "training_step"),
+        (optimizer, "step", "optimizer.step"),
+        (type(training.scheduler), "step", "scheduler.step"),
+        (optimizer, "zero_grad", "optimizer.zero_grad"),
+        (GracefulStop, "agreed", "stop.agreed"),
+    ]
+    if training.lookahead is not None:
+        labelled.append((training.lookahead, "after_step", "lookahead.after_step"))
+    metrics = MetricsLog(training.run_dir / "metrics.jsonl")
+    loss_sum = torch.zeros((), device=training.accelerator.device)
+    with contextlib.ExitStack() as undo:
+        for owner, name, part in labelled:
+            original = getattr(owner, name)
+            setattr(owner, name, label(part, original))
+            undo.callback(setattr, owner, name, original)
+        train.finish_epoch = stop_then_finish_epoch
+        undo.callback(setattr, train, "finish_epoch", finish_epoch)
+        stop = undo.enter_context(GracefulStop())
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            train.train(training, batches, test_batches, metrics, Progress(), loss_sum, None, stop)
+    with tempfile.TemporaryDirectory(prefix="bench-timeline-") as scratch:
+        path = Path(scratch) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        return json.loads(path.read_text())
+
+
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (start, end) intervals, as sorted disjoint intervals."""
+    union: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    return union
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def analyse(trace: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """Per-step figures of a Chrome trace of profiler steps (times in µs, as the trace's).
+
+    The window runs from the start of the first profiler step to the end of the
+    last event. ``parts``: the labels whose host time is summed and whose overlap
+    with each of the GPU's longest gaps is reported.
+    """
+    events = [event for event in trace["traceEvents"] if event.get("ph") == "X" and "dur" in event]
+    # The host's labels; on CUDA the timeline repeats them on the GPU's rows as gpu_user_annotation.
+    host_labels = [event for event in events if event.get("cat") == "user_annotation"]
+    steps = [event for event in host_labels if event["name"].startswith(STEP_PREFIX)]
+    if not steps:
+        raise ValueError("the trace holds no profiler step")
+    window = (min(event["ts"] for event in steps), max(event["ts"] + event["dur"] for event in events))
+    wall = window[1] - window[0]
+    device = [(event["ts"], event["ts"] + event["dur"]) for event in events if event.get("cat") in DEVICE_CATEGORIES]
+    busy = merged([(max(start, window[0]), end) for start, end in device if end > window[0]])
+    labelled = [(event["name"], (event["ts"], event["ts"] + event["dur"])) for event in host_labels]
+    labelled = [(name, span) for name, span in labelled if name in parts]
+    step_spans = [(event["ts"], event["ts"] + event["dur"]) for event in steps]
+    waiting = collections.Counter(
+        event["name"]
+        for event in events
+        if event.get("cat") == "cuda_runtime"
+        and event["name"] in WAITING_CALLS
+        and any(start <= event["ts"] < end for start, end in step_spans)
+    )
+    pageable = sum(1 for event in events if event.get("cat") == "gpu_memcpy" and "Pageable" in event["name"])
+    figures: dict[str, Any] = {
+        "steps": len(steps),
+        "wall_us_per_step": wall / len(steps),
+        "host_us_per_step": {
+            name: sum(end - start for part, (start, end) in labelled if part == name) / len(steps) for name in parts
+        },
+        "gpu_activity_recorded": bool(device),
+        "waiting_calls": dict(waiting),  # inside the steps: the window's closing synchronize comes after them
+        "pageable_copies": pageable,
+    }
+    if not device:
+        return figures
+    gaps = [(window[0], busy[0][0])] + [(a[1], b[0]) for a, b in itertools.pairwise(busy)]
+    gaps = [gap for gap in gaps if gap[1] > gap[0]]
+    step_starts = sorted(start for start, _ in step_spans)
+    longest = []
+    for gap in sorted(gaps, key=lambda gap: gap[0] - gap[1])[:LONGEST_GAPS]:
+        during = collections.Counter()
+        for name, span in labelled:
+            during[name] += overlap(gap, span)
+        longest.append(
+            {
+                "us": gap[1] - gap[0],
+                "step": sum(1 for start in step_starts if start <= gap[0]),
+                "during_us": {name: time for name, time in during.most_common() if time > 0},
+            }
+        )
+    busy_us = sum(end - start for start, end in busy)
+    figures.update(
+        gpu_busy_us_per_step=busy_us / len(steps),
+        gpu_busy_fraction=busy_us / wall,
+        longest_gaps=longest,
+    )
+    return figures
+
+
+def report(figures: dict[str, Any]) -> None:
+    steps = figures["steps"]
+    print(f"\n{steps} steps profiled; per step: wall {figures['wall_us_per_step']:.0f} µs", end="")
+    if figures["gpu_activity_recorded"]:
+        waited = figures["wall_us_per_step"] - figures["gpu_busy_us_per_step"]
+        print(
+            f", GPU busy {figures['gpu_busy_us_per_step']:.0f} µs ({figures['gpu_busy_fraction']:.1%}), "
+            f"GPU waiting for the host {waited:.0f} µs"
+        )
+    else:
+        print("; no GPU activity recorded (no CUDA): the host's figures only")
+    calls = figures["waiting_calls"]
+    print(f"calls inside the steps that waited for the GPU: {calls or 'none'}")
+    print(f"copies from pageable memory: {figures['pageable_copies']}")
+    for gap in figures.get("longest_gaps", []):
+        during = ", ".join(f"{name} {time:.0f}" for name, time in gap["during_us"].items()) or "no labelled part"
+        print(f"GPU idle {gap['us']:.0f} µs in step {gap['step']}; the host meanwhile in (µs): {during}")
+    print()
+    rows = [[name, f"{time:.0f}"] for name, time in figures["host_us_per_step"].items()]
+    benchlib.print_table(["part of the step", "host µs per step"], rows)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is profiled")
+    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (the speedrun recipe's)")
+    parser.add_argument("--steps", type=int, default=12, help="steps per epoch; the second epoch's are profiled")
+    parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"])
+    parser.add_argument("--trace", help="also write the timeline here, gzipped Chrome trace JSON")
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    info = benchlib.environment()
+    benchlib.print_environment(info)
+    configure_determinism(args.determinism)  # as train.py does first
+    arguments = [
+        *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
+        *("--synthetic-train-size", str(args.steps * args.batch_size), "--synthetic-test-size", "1024"),
+        *("--batch-size", str(args.batch_size), "--epochs", "2", "--determinism", args.determinism),
+    ]
+    with tempfile.TemporaryDirectory(prefix="bench-timeline-") as scratch:
+        training, train_batches, test_batches = benchlib.train_py_objects(arguments, Path(scratch) / "run")
+        trace = profile_steps(training, train_batches, test_batches)
+    config, device = training.config, training.accelerator.device
+    print(
+        f"# {args.config}, model {config.model}, batch {config.batch_size}, {len(training.sampler)} steps an epoch, "
+        f"on {device}, {training.accelerator.mixed_precision}, --determinism {args.determinism}"
+    )
+    parts = [NEXT_BATCH, "training_step", "optimizer.step", "scheduler.step", "optimizer.zero_grad", "stop.agreed"]
+    if training.lookahead is not None:
+        parts.append("lookahead.after_step")
+    figures = analyse(trace, parts)
+    report(figures)
+    if args.trace:
+        with gzip.open(args.trace, "wt") as file:
+            json.dump(trace, file)
+        print(f"timeline written to {args.trace}")
+    benchlib.write_json(args.json, {"environment": info, "settings": vars(args), **figures})
+
+
+if __name__ == "__main__":
+    main()
