@@ -46,7 +46,9 @@ g. Whether the GPU waits for the host in train.py's steps
    of its second epoch): the fraction of the steps' time the GPU ran work, the
    calls inside the steps that waited for the GPU (there should be none), and
    the longest gaps in the GPU's work with the parts of the step the host was
-   in meanwhile. The timeline itself is kept (``step_timeline_trace.json.gz``).
+   in meanwhile; the same network's bare loop over the same batches, profiled
+   the same way, beside it. train.py's timeline is kept
+   (``step_timeline_trace.json.gz``).
    Not in the default set; under a minute.
 h. Host time per step of train.py's own loop on this machine
    (bench/host_overhead.py: the speedrun recipe's loop, the device pipeline at
@@ -393,17 +395,23 @@ def stage_g(report: Report, out: Path, smoke: bool) -> None:
         return
     figures = json.loads(json_path.read_text())
     report.figures["g_step_timeline"] = {key: figures[key] for key in figures if key not in ("environment", "settings")}
+    report.add("g", "GPU busy in train.py's steps", "measured", timeline_summary(figures))
+
+
+def timeline_summary(figures: dict[str, Any]) -> str:
+    """One line of bench/step_timeline.py's figures: the GPU's busy share of train.py's steps first."""
+    bare = figures["bare"]
     waits = figures["waiting_calls"] or "none"
-    detail = f"per step {figures['wall_us_per_step']:.0f} µs wall; waits for the GPU inside the steps: {waits}"
+    wall = figures["wall_us_per_step"]
+    detail = f"{wall:.0f} µs a step, {wall / bare['wall_us_per_step']:.2f} x the bare loop's; waits inside: {waits}"
     if not figures["gpu_activity_recorded"]:
-        report.add("g", "GPU busy in train.py's steps", "measured", f"no GPU activity recorded; {detail}")
-        return
-    longest = figures["longest_gaps"][0] if figures["longest_gaps"] else None
-    if longest is not None:
+        return f"no GPU activity recorded; {detail}"
+    detail += f"; the bare loop's GPU busy {bare['gpu_busy_fraction']:.1%}"
+    if figures["longest_gaps"]:
+        longest = figures["longest_gaps"][0]
         during = ", ".join(f"{name} {time:.0f}" for name, time in list(longest["during_us"].items())[:2])
         detail += f"; longest idle {longest['us']:.0f} µs (host in {during or 'no labelled part'})"
-    busy = f"{figures['gpu_busy_fraction']:.1%} ({figures['gpu_busy_us_per_step']:.0f} µs a step)"
-    report.add("g", "GPU busy in train.py's steps", "measured", f"{busy}; {detail}")
+    return f"{figures['gpu_busy_fraction']:.1%} ({figures['gpu_busy_us_per_step']:.0f} µs a step); {detail}"
 
 
 def stage_h(report: Report, out: Path, smoke: bool) -> None:

@@ -14,8 +14,15 @@ fills (their union); the rest, in which the GPU waited for the host; the
 calls that made the host wait for the GPU inside the steps (a synchronize, a
 blocking copy, a copy from pageable memory), which there should be none of;
 the longest gaps in the GPU's work, with the parts of the step the host was
-in meanwhile; and the host time of each part. ``--trace`` keeps the timeline
+in meanwhile; and the host time of each part. Then the same network in a bare
+hand-written loop over the same batches, made beforehand, profiled the same
+way: the wall time and GPU busy time of a step with no host work but its own,
+and train.py's step against it. ``--trace`` keeps train.py's timeline
 (gzipped Chrome trace JSON: chrome://tracing or https://ui.perfetto.dev).
+
+The profiler adds host time to each operation it records, in both loops: the
+GPU's share of the steps is a lower bound, and the two loops' ratio the figure
+to compare.
 
 On a machine without CUDA it profiles the host alone: no GPU figures.
 
@@ -40,6 +47,7 @@ from typing import Any
 
 import benchlib
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import train
@@ -157,6 +165,40 @@ def profile_steps(training: Training, train_batches: train.Batches, test_batches
         stop = undo.enter_context(GracefulStop())
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             train.train(training, batches, test_batches, metrics, Progress(), loss_sum, None, stop)
+    return exported(profiler)
+
+
+def profile_bare_steps(training: Training, train_batches: train.Batches) -> dict[str, Any]:
+    """The same network in a bare hand-written loop over one epoch of the device pipeline's
+    batches, made beforehand: forward in the run's autocast, loss, backward, an SGD step,
+    ``zero_grad``. One pass warms up, the next is profiled, its steps marked as train.py's
+    are: the timeline of a loop with no host work but the step's own. Returns the trace."""
+    model = training.accelerator.unwrap_model(training.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.85, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=training.config.label_smoothing)
+    batches = list(train_batches)
+    on_cuda = training.accelerator.device.type == "cuda"
+    profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
+    for profiled in (False, True):
+        if profiled:
+            if on_cuda:
+                torch.cuda.synchronize()
+            profiler.start()
+        for number, (images, labels) in enumerate(batches, start=1):
+            with record_function(f"{STEP_PREFIX}{number}") if profiled else contextlib.nullcontext():
+                with training.accelerator.autocast():
+                    loss = criterion(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    if on_cuda:
+        torch.cuda.synchronize()
+    profiler.stop()
+    return exported(profiler)
+
+
+def exported(profiler: profile) -> dict[str, Any]:
+    """The profiler's timeline, as the Chrome trace JSON it exports."""
     with tempfile.TemporaryDirectory(prefix="bench-timeline-") as scratch:
         path = Path(scratch) / "trace.json"
         profiler.export_chrome_trace(str(path))
@@ -242,9 +284,9 @@ def analyse(trace: dict[str, Any], parts: list[str]) -> dict[str, Any]:
     return figures
 
 
-def report(figures: dict[str, Any]) -> None:
+def report(figures: dict[str, Any], bare: dict[str, Any]) -> None:
     steps = figures["steps"]
-    print(f"\n{steps} steps profiled; per step: wall {figures['wall_us_per_step']:.0f} µs", end="")
+    print(f"\ntrain.py's loop, {steps} steps profiled; per step: wall {figures['wall_us_per_step']:.0f} µs", end="")
     if figures["gpu_activity_recorded"]:
         waited = figures["wall_us_per_step"] - figures["gpu_busy_us_per_step"]
         print(
@@ -262,6 +304,10 @@ def report(figures: dict[str, Any]) -> None:
     print()
     rows = [[name, f"{time:.0f}"] for name, time in figures["host_us_per_step"].items()]
     benchlib.print_table(["part of the step", "host µs per step"], rows)
+    print(f"\nthe bare loop, {bare['steps']} steps; per step: wall {bare['wall_us_per_step']:.0f} µs", end="")
+    if bare["gpu_activity_recorded"]:
+        print(f", GPU busy {bare['gpu_busy_us_per_step']:.0f} µs ({bare['gpu_busy_fraction']:.1%})", end="")
+    print(f"; train.py's step / the bare step, wall: {figures['wall_us_per_step'] / bare['wall_us_per_step']:.2f}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -288,6 +334,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-timeline-") as scratch:
         training, train_batches, test_batches = benchlib.train_py_objects(arguments, Path(scratch) / "run")
         trace = profile_steps(training, train_batches, test_batches)
+        bare_trace = profile_bare_steps(training, train_batches)
     config, device = training.config, training.accelerator.device
     print(
         f"# {args.config}, model {config.model}, batch {config.batch_size}, {len(training.sampler)} steps an epoch, "
@@ -296,13 +343,13 @@ def main() -> None:
     parts = [NEXT_BATCH, "training_step", "optimizer.step", "scheduler.step", "optimizer.zero_grad", "stop.agreed"]
     if training.lookahead is not None:
         parts.append("lookahead.after_step")
-    figures = analyse(trace, parts)
-    report(figures)
+    figures, bare = analyse(trace, parts), analyse(bare_trace, [])
+    report(figures, bare)
     if args.trace:
         with gzip.open(args.trace, "wt") as file:
             json.dump(trace, file)
-        print(f"timeline written to {args.trace}")
-    benchlib.write_json(args.json, {"environment": info, "settings": vars(args), **figures})
+        print(f"train.py's timeline written to {args.trace}")
+    benchlib.write_json(args.json, {"environment": info, "settings": vars(args), **figures, "bare": bare})
 
 
 if __name__ == "__main__":

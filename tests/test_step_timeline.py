@@ -1,6 +1,7 @@
-"""bench/step_timeline.py's reading of a profiler timeline: the GPU's busy time, its gaps and the
-host's waits. The GPU's rows of a real timeline need CUDA (stage g of bench/gpu_check.sh), so
-the trace here is written by hand, in the Chrome trace format torch.profiler exports."""
+"""bench/step_timeline.py's reading of a profiler timeline (the GPU's busy time, its gaps and the
+host's waits) and stage g's line of it in bench/gpu_check.py. The GPU's rows of a real timeline
+need CUDA (stage g runs there), so the trace here is written by hand, in the Chrome trace format
+that torch.profiler exports."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))  # bench/ is not a package
+import gpu_check
 import step_timeline
 
 
@@ -60,3 +62,12 @@ def test_a_timeline_without_gpu_rows_gives_the_host_figures_only():
     assert figures["wall_us_per_step"] == 100
     with pytest.raises(ValueError, match="no profiler step"):
         step_timeline.analyse({"traceEvents": TRACE["traceEvents"][6:]}, [])
+
+
+def test_the_gpu_checks_summary_leads_with_the_busy_share_and_names_the_waits_and_longest_gap():
+    figures = step_timeline.analyse(TRACE, ["next batch"])
+    figures["bare"] = {**figures, "wall_us_per_step": 70.0, "gpu_busy_fraction": 0.9}
+    line = gpu_check.timeline_summary(figures)
+    assert line.startswith("69.0% (72 µs a step); 105 µs a step, 1.50 x the bare loop's;"), line
+    assert "waits inside: {'cudaStreamSynchronize': 1}" in line and "the bare loop's GPU busy 90.0%" in line
+    assert line.endswith("longest idle 50 µs (host in next batch 50)"), line
