@@ -276,6 +276,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # As train.py does first: before CUDA starts (benchlib.environment names the GPU), since
+    # strict mode sets CUBLAS_WORKSPACE_CONFIG.
+    configure_determinism(args.determinism)
     info = benchlib.environment()
     benchlib.print_environment(info)
     torch.set_num_threads(args.threads)
@@ -285,7 +288,6 @@ def main() -> None:
         f"images, a one-layer model, the device pipeline on {device}, --determinism {args.determinism}, "
         f"{args.threads} torch threads"
     )
-    configure_determinism(args.determinism)  # as train.py does first
     with tempfile.TemporaryDirectory(prefix="bench-host-") as scratch:
         epochs, wall, training = loop(args, Path(scratch) / "loop")
         if args.profile:

@@ -323,9 +323,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # As train.py does first: before CUDA starts (benchlib.environment names the GPU), since
+    # strict mode sets CUBLAS_WORKSPACE_CONFIG.
+    configure_determinism(args.determinism)
     info = benchlib.environment()
     benchlib.print_environment(info)
-    configure_determinism(args.determinism)  # as train.py does first
     arguments = [
         *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
         *("--synthetic-train-size", str(args.steps * args.batch_size), "--synthetic-test-size", "1024"),
