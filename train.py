@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds, accelerator)
+    # The optimizer, its schedule and the lookahead; the model and optimizer prepared by accelerate.
     training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
 
     metrics = MetricsLog(run_dir / METRICS_FILE)
