@@ -102,8 +102,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_matches(two_proce
     assert_same_run(run_dir, two_process_run)
 
 
+# The SIGTERM test above resumes two processes on the default pipeline (device), and
+# test_example_plain.py kills and resumes a DataLoader on GlobalBatchSampler with workers.
+@pytest.mark.slow
 def test_two_processes_on_the_dataloader_resume_bitwise(tmp_path):
-    # The tests above run the default pipeline (device); this one the DataLoader's.
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     launch_two_processes(whole, *DATALOADER)
     launch_two_processes(resumed, *DATALOADER, "--max-steps", "5")
