@@ -72,6 +72,18 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def start(determinism: str) -> dict[str, Any]:
+    """Set the determinism mode as train.py does first, then describe the machine and print
+    that; returns the description. In this order: strict mode sets CUBLAS_WORKSPACE_CONFIG,
+    which must come before CUDA starts, and the description names the GPU, which starts it."""
+    from repro.determinism import configure_determinism
+
+    configure_determinism(determinism)
+    info = environment()
+    print_environment(info)
+    return info
+
+
 def print_environment(info: dict[str, Any]) -> None:
     print(
         f"# {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "

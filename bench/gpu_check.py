@@ -354,20 +354,30 @@ def stage_c_train_py(report: Report, out: Path, smoke: bool) -> None:
     report.add("c", "train.py resnet9 step rate", verdict, detail)
 
 
+def run_bench(report: Report, stage: str, check: str, out: Path, script: str, arguments: list[str]) -> Any:
+    """Run ``bench/SCRIPT.py`` with ``arguments`` and ``--json``, its output kept in
+    ``OUT/SCRIPT.log``; return its JSON figures, or None after reporting the check failed."""
+    json_path = out / f"{script}.json"
+    command = [sys.executable, str(benchlib.REPO / "bench" / f"{script}.py"), *arguments, "--json", str(json_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    (out / f"{script}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        report.add(stage, check, "FAIL", last_line[:160])
+        return None
+    return json.loads(json_path.read_text())
+
+
 def stage_d(report: Report, out: Path, smoke: bool) -> None:
     """The DataLoader and the device pipeline against what resnet9 trains per second."""
     workers = max(2, (os.cpu_count() or 2) // 2)
-    json_path = out / "loader_throughput.json"
-    command = [sys.executable, str(benchlib.REPO / "bench" / "loader_throughput.py"), "--workers",
-               f"0,{workers},device", "--repeats", "1", "--json", str(json_path)]  # fmt: skip
+    arguments = ["--workers", f"0,{workers},device", "--repeats", "1"]
     if smoke:
-        command += ["--train-size", "1024", "--batches", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    if result.returncode != 0:
-        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-        report.add("d", "loader throughput", "FAIL", last_line[:160])
+        arguments += ["--train-size", "1024", "--batches", "1"]
+    figures = run_bench(report, "d", "loader throughput", out, "loader_throughput", arguments)
+    if figures is None:
         return
-    loaders = {name: runs[0]["images_per_s"] for name, runs in json.loads(json_path.read_text())["results"].items()}
+    loaders = {name: runs[0]["images_per_s"] for name, runs in figures["results"].items()}
     report.figures["d_loader_images_per_s"] = loaders
     strict = report.figures.get("c_images_per_s", {}).get("strict")
     trained = median(r["resnet9"] for r in strict) if strict else None
@@ -382,18 +392,12 @@ def stage_d(report: Report, out: Path, smoke: bool) -> None:
 def stage_g(report: Report, out: Path, smoke: bool) -> None:
     """Whether the GPU waits for the host during train.py's steps (bench/step_timeline.py): the
     fraction of the steps' time the GPU was busy, the waits inside the steps, the longest gap."""
-    json_path, trace_path = out / "step_timeline.json", out / "step_timeline_trace.json.gz"
-    command = [sys.executable, str(benchlib.REPO / "bench" / "step_timeline.py"), "--json", str(json_path),
-               "--trace", str(trace_path)]  # fmt: skip
+    arguments = ["--trace", str(out / "step_timeline_trace.json.gz")]
     if smoke:
-        command += ["--steps", "2", "--batch-size", "16"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    (out / "step_timeline.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-        report.add("g", "GPU busy in train.py's steps", "FAIL", last_line[:160])
+        arguments += ["--steps", "2", "--batch-size", "16"]
+    figures = run_bench(report, "g", "GPU busy in train.py's steps", out, "step_timeline", arguments)
+    if figures is None:
         return
-    figures = json.loads(json_path.read_text())
     report.figures["g_step_timeline"] = {key: figures[key] for key in figures if key not in ("environment", "settings")}
     report.add("g", "GPU busy in train.py's steps", "measured", timeline_summary(figures))
 
@@ -416,18 +420,12 @@ def timeline_summary(figures: dict[str, Any]) -> str:
 
 def stage_h(report: Report, out: Path, smoke: bool) -> None:
     """train.py's host time per step (bench/host_overhead.py), its parts, and a cProfile in the log."""
-    json_path = out / "host_overhead.json"
-    command = [sys.executable, str(benchlib.REPO / "bench" / "host_overhead.py"), "--profile", "40",
-               "--json", str(json_path)]  # fmt: skip
+    arguments = ["--profile", "40"]
     if smoke:
-        command += ["--steps", "3", "--repeats", "1", "--batch-size", "64"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    (out / "host_overhead.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        last_line = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-        report.add("h", "host time per step", "FAIL", last_line[:160])
+        arguments += ["--steps", "3", "--repeats", "1", "--batch-size", "64"]
+    figures = run_bench(report, "h", "host time per step", out, "host_overhead", arguments)
+    if figures is None:
         return
-    figures = json.loads(json_path.read_text())
     epochs = figures["us_per_step"]
     parts = {name: median(epoch.get(name, 0.0) for epoch in epochs) for name in epochs[0]}
     bare = median(figures["bare_us_per_step"])

@@ -67,7 +67,6 @@ from cifar.data import ImageArray, Splits
 from cifar.device_data import augmentation_params
 from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
-from repro.determinism import configure_determinism
 from repro.fingerprint import environment_fingerprint
 from repro.seeds import SeedPlan
 from repro.stop import GracefulStop
@@ -276,11 +275,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    # As train.py does first: before CUDA starts (benchlib.environment names the GPU), since
-    # strict mode sets CUBLAS_WORKSPACE_CONFIG.
-    configure_determinism(args.determinism)
-    info = benchlib.environment()
-    benchlib.print_environment(info)
+    info = benchlib.start(args.determinism)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(

@@ -53,7 +53,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import train
 from cifar.checkpoint import Progress, Training
 from cifar.outputs import MetricsLog
-from repro.determinism import configure_determinism
 from repro.stop import GracefulStop
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -323,11 +322,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    # As train.py does first: before CUDA starts (benchlib.environment names the GPU), since
-    # strict mode sets CUBLAS_WORKSPACE_CONFIG.
-    configure_determinism(args.determinism)
-    info = benchlib.environment()
-    benchlib.print_environment(info)
+    info = benchlib.start(args.determinism)
     arguments = [
         *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
         *("--synthetic-train-size", str(args.steps * args.batch_size), "--synthetic-test-size", "1024"),
