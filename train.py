@@ -44,7 +44,7 @@ from cifar.build import (
 )
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
-from cifar.data import DataError, Splits, load_splits
+from cifar.data import DataError, load_splits
 from cifar.outputs import MetricsLog, resolve_config, run_dir_of, write_config, write_weights
 from cifar.plots import plot_curves
 from cifar.tta import tta_logits
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     with GracefulStop() as stop:
         result, stopped_by = train(training, train_batches, test_batches, metrics, progress, loss_sum, tracer, stop)
     if stopped_by is None:
-        save(training, seeds, determinism, splits, result, progress)
+        save(training, seeds, determinism, result, progress)
         accelerator.wait_for_everyone()
         accelerator.print(f"final test accuracy {result['test_accuracy']:.2%}")
         accelerator.print(f"run folder: {run_dir}")
@@ -306,7 +306,6 @@ def save(
     training: Training,
     seeds: SeedPlan,
     determinism: dict,
-    splits: Splits,
     result: dict[str, float],
     progress: Progress,
 ) -> None:
@@ -329,7 +328,7 @@ def save(
         "determinism": determinism,
         "mixed_precision": accelerator.mixed_precision,  # what ran: the config may say auto
         "python_hash_seed": os.environ.get("PYTHONHASHSEED"),
-        "dataset_sha256": splits.fingerprint(),
+        "dataset_sha256": training.dataset_sha256,
         "environment": training.environment,
         "config": config_to_dict(config),
     }

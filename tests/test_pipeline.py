@@ -13,6 +13,8 @@ from conftest import REPO, TINY, clean_env, run_train, train_ok
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from cifar.data import imagefolder
+
 IMAGEFOLDER = ["--dataset", "imagefolder", "--model", "small_cnn", "--epochs", "1", "--batch-size", "8",
                "--num-workers", "0", "--lr", "0.05"]  # fmt: skip
 
@@ -33,6 +35,7 @@ def test_imagefolder_trains(tmp_path):
     data = make_folder(tmp_path / "data", size=40)  # not 32x32: resized on load
     manifest = train_ok(tmp_path / "run", *IMAGEFOLDER, "--data-dir", str(data))
     assert manifest["test_images"] == 16
+    assert manifest["dataset_sha256"] == imagefolder(str(data)).fingerprint()  # the data the run saw
 
 
 def png_declaring(width: int, height: int) -> bytes:
