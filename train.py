@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from cifar import tracking
+from cifar import data_cache, tracking
 from cifar.build import (
     Batches,
     build_loaders,
@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(seeds, accelerator.process_index)
     run_dir = claim_run_folder(config, accelerator)
 
-    splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
+    sizes = (config.synthetic_train_size, config.synthetic_test_size)
+    splits = load_splits(config.dataset, config.data_dir, sizes, data_cache.cache_dir(config.data_cache))
+    if splits.source:
+        accelerator.print(splits.source)
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds, accelerator)
     # The optimizer, its schedule and the lookahead; the model and optimizer prepared by accelerate.

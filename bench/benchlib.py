@@ -126,6 +126,7 @@ def train_py_objects(arguments: list[str], run_dir: Path) -> tuple[Training, Bat
     """train.py's training objects for its command-line ``arguments``, built in ``run_dir`` as its
     ``main`` builds them (cifar/build.py): the Training, the training batches, the test batches.
     Unlike a run, it claims no run folder and seeds no global generator."""
+    from cifar import data_cache
     from cifar.build import build_loaders, build_model_for, make_accelerator, prepare_training
     from cifar.config import parse_config
     from cifar.data import load_splits
@@ -136,7 +137,8 @@ def train_py_objects(arguments: list[str], run_dir: Path) -> tuple[Training, Bat
     run_dir.mkdir(parents=True)
     accelerator = make_accelerator(config, run_dir)
     seeds = SeedPlan(config.seed, config.model_seed, config.order_seed, config.aug_seed)
-    splits = load_splits(config.dataset, config.data_dir, (config.synthetic_train_size, config.synthetic_test_size))
+    sizes = (config.synthetic_train_size, config.synthetic_test_size)
+    splits = load_splits(config.dataset, config.data_dir, sizes, data_cache.cache_dir(config.data_cache))
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
     model = build_model_for(config, splits, seeds, accelerator)
     environment = environment_fingerprint(accelerator.num_processes, REPO)

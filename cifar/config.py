@@ -70,6 +70,11 @@ class TrainConfig:
     # Data.
     dataset: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = _field("cifar10", "which dataset")
     data_dir: str = _field("data", "where datasets are read from (and downloaded to, for cifar10/cifar100)")
+    data_cache: str = _field(
+        "auto",
+        "folder where imagefolder datasets are kept decoded, found again by their files' SHA-256, so later runs "
+        "skip decoding; auto: $XDG_CACHE_HOME/repro or ~/.cache/repro; none: decode every run",
+    )
     synthetic_train_size: int = _field(5000, "images in the synthetic training set")
     synthetic_test_size: int = _field(1000, "images in the synthetic test set")
     data_pipeline: Literal["dataloader", "device"] = _field(
@@ -161,6 +166,7 @@ RUN_CONTROL_KEYS = frozenset(
         "keep_checkpoints",
         "num_workers",
         "data_dir",
+        "data_cache",
         "log_with",
     }
 )
@@ -308,6 +314,8 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"batch_size {short(config.batch_size)} is larger than the training set "
             f"({config.synthetic_train_size} synthetic images)"
         )
+    if not config.data_cache.strip():
+        raise ConfigError("data_cache must be auto, none or a folder, got an empty value")
     if not 1 <= config.cpu_threads <= MAX_CPU_THREADS:
         raise ConfigError(f"cpu_threads must be in [1, {MAX_CPU_THREADS}], got {short(config.cpu_threads)}")
     if config.max_steps is not None and config.max_steps < 1:

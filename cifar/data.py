@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifar import data_cache
+
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The largest image an image folder may hold, in pixels (8192x8192: 192 MiB decoded as RGB).
@@ -59,6 +61,7 @@ class Splits:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    source: str = ""  # where the arrays came from, when worth a line to the user (a cache's outcome)
 
     def fingerprint(self) -> str:
         """SHA-256 over both splits' images and labels: which data a run saw."""
@@ -164,31 +167,38 @@ def _read_image(path: Path) -> np.ndarray:
         raise DataError(f"unreadable image {path}") from None
 
 
-def _read_folder(split_dir: Path, classes: list[str]) -> ImageArray:
-    """Every image of ``split_dir/<class>/``, labelled by the class's index in ``classes``.
+def _list_folder(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """Every image file of ``split_dir/<class>/``, in order, with its class's index in ``classes``.
 
     A class folder without images is an error, in train/ as in test/: a class that
     is never trained on, or never tested, is a mistake in the folder, not a class.
     """
-    images, labels = [], []
+    listing = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        # By name: the order of the paths themselves (one folder), without pathlib's slow comparisons.
+        files = sorted((p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
         if not files:
             raise DataError(f"no images in class folder {class_dir} (expected {', '.join(IMAGE_SUFFIXES)} files)")
-        for path in files:
-            images.append(_read_image(path))
-            labels.append(label)
-    return _from_hwc(np.stack(images), labels)
+        listing += [(path, label) for path in files]
+    return listing
 
 
-def imagefolder(data_dir: str) -> Splits:
+def _decode(listing: list[tuple[Path, int]]) -> ImageArray:
+    return _from_hwc(np.stack([_read_image(path) for path, _ in listing]), [label for _, label in listing])
+
+
+def imagefolder(data_dir: str, cache: Path | None = None) -> Splits:
     """Any folder laid out as ``train/<class>/*`` and ``test/<class>/*`` images.
 
     Images are converted to RGB and resized to 32x32 when they are not; an
     image of more than ``MAX_IMAGE_PIXELS`` pixels is refused unread. The
     classes are the sorted sub-folder names of ``train/``; ``test/`` must have
     the same ones, and every class folder of either split at least one image.
+
+    With a ``cache`` folder the decoded arrays are kept there and read back by
+    later calls on the same files (:mod:`cifar.data_cache`: found by the files'
+    content); :attr:`Splits.source` then says which happened.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -205,18 +215,55 @@ def imagefolder(data_dir: str) -> Splits:
     test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
     if test_classes != classes:
         raise DataError(f"{test_dir} has classes {test_classes}, but {train_dir} has {classes}")
-    train = _read_folder(train_dir, classes)
-    test = _read_folder(test_dir, classes)
+    train_files, test_files = _list_folder(train_dir, classes), _list_folder(test_dir, classes)
+    if cache is None:
+        return _splits_of(_decode(train_files), _decode(test_files), len(classes))
+    try:
+        key = data_cache.folder_key(root, classes, [path for path, _ in train_files + test_files])
+    except OSError as error:
+        raise DataError(f"unreadable image {error.filename}") from None
+    entry = data_cache.entry_path(cache, key)
+    arrays = data_cache.load(cache, key)
+    if arrays is not None:
+        splits = _splits_from_arrays(arrays, len(classes))
+        splits.source = f"image folder {root}: decoded images read from {entry}"
+        return splits
+    splits = _splits_of(_decode(train_files), _decode(test_files), len(classes))
+    failure = data_cache.store(cache, key, _arrays_of(splits))
+    outcome = f"cached in {entry}" if failure is None else f"not cached ({failure})"
+    splits.source = f"image folder {root}: decoded {len(train_files) + len(test_files)} images, {outcome}"
+    return splits
+
+
+def _splits_of(train: ImageArray, test: ImageArray, num_classes: int) -> Splits:
     mean, std = _channel_stats(train.images)
-    return Splits(train, test, len(classes), mean, std)
+    return Splits(train, test, num_classes, mean, std)
 
 
-def load_splits(dataset: str, data_dir: str, synthetic_sizes: tuple[int, int]) -> Splits:
-    """Load the named dataset; raises :class:`DataError` with a one-line reason."""
+def _arrays_of(splits: Splits) -> dict[str, np.ndarray]:
+    return {
+        "train_images": splits.train.images.numpy(),
+        "train_labels": splits.train.labels.numpy(),
+        "test_images": splits.test.images.numpy(),
+        "test_labels": splits.test.labels.numpy(),
+        "mean": np.array(splits.mean),
+        "std": np.array(splits.std),
+    }
+
+
+def _splits_from_arrays(arrays: dict[str, np.ndarray], num_classes: int) -> Splits:
+    train = ImageArray(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]))
+    test = ImageArray(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"]))
+    return Splits(train, test, num_classes, tuple(map(float, arrays["mean"])), tuple(map(float, arrays["std"])))
+
+
+def load_splits(dataset: str, data_dir: str, synthetic_sizes: tuple[int, int], cache: Path | None = None) -> Splits:
+    """Load the named dataset; raises :class:`DataError` with a one-line reason. ``cache``: the
+    folder of decoded image folders (:func:`imagefolder`), unused by the other datasets."""
     if dataset == "synthetic":
         return synthetic(*synthetic_sizes)
     if dataset == "imagefolder":
-        return imagefolder(data_dir)
+        return imagefolder(data_dir, cache)
     return cifar(dataset, data_dir)
 
 

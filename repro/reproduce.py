@@ -52,7 +52,8 @@ def reproduce_run(
 
     Nothing is created outside the temporary folder and ``output_dir``: a
     ``data_dir`` that train.py would create (to download CIFAR into) must exist
-    already. The temporary folder is removed when the re-run fails or is
+    already, and a ``data_cache`` (train.py's decoded image folders) is set to
+    ``none``. The temporary folder is removed when the re-run fails or is
     interrupted (by an exception, ``KeyboardInterrupt`` included; ``python -m
     repro`` turns SIGTERM into one), and kept when it holds a finished re-run.
 
@@ -113,6 +114,8 @@ def reproduce_run(
     keep_scratch = False
     try:
         rerun_config = {**config, "output_dir": str(output), "overwrite": False, "resume": None}
+        if "data_cache" in config:  # train.py's cache of decoded images: a folder of the recording machine's
+            rerun_config["data_cache"] = "none"
         config_file.write_text(yaml.safe_dump(rerun_config, sort_keys=False))
         command = [sys.executable, str(script), "--config", str(config_file)]
         say(f"re-running {path} into {output}: {shlex.join(command)}")

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +29,19 @@ TINY = [
 ]  # fmt: skip
 # The default pipeline above (device) does not start torchvision; the tests of workers and transforms add this.
 DATALOADER = ["--data-pipeline", "dataloader"]
+
+
+def make_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 8, size: int = 32) -> Path:
+    """An image folder (train/<class>/, test/<class>/) of ``per_class`` PNGs a class and split."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 64, (size, size, 3)) + 128 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
 
 
 def free_port() -> int:
@@ -89,6 +104,12 @@ def train_ok(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> di
     result = run_train(*TINY, "--output-dir", str(run_dir), *args, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return read_manifest(run_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """train.py's default data cache is in the user's cache folder: the tests' runs use their own."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, assert_one_line_error, clean_env, read_manifest, run_train, train_ok
-from test_pipeline import IMAGEFOLDER, make_folder
+from conftest import REPO, TINY, assert_one_line_error, clean_env, make_folder, read_manifest, run_train, train_ok
+from test_pipeline import IMAGEFOLDER
 
 from cifar.config import ConfigError, load_yaml, parse_config
 
@@ -77,6 +77,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
         (["--momentum", "1"], "momentum must be in (0, 1), got 1.0"),
         (["--cpu-threads", "0"], "cpu_threads must be in [1, 1024], got 0"),
         (["--cpu-threads", "1000000"], "cpu_threads must be in [1, 1024], got 1000000"),
+        (["--data-cache", " "], "data_cache must be auto, none or a folder, got an empty value"),
         (
             ["--dataset", "synthetic", "--synthetic-train-size", "256", "--batch-size", "257"],
             "batch_size 257 is larger than the training set (256 synthetic images)",

@@ -7,9 +7,8 @@ import os
 import struct
 import zlib
 
-import numpy as np
 import pytest
-from conftest import REPO, TINY, clean_env, run_train, train_ok
+from conftest import REPO, TINY, clean_env, make_folder, read_manifest, run_train, train_ok
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -19,23 +18,20 @@ IMAGEFOLDER = ["--dataset", "imagefolder", "--model", "small_cnn", "--epochs", "
                "--num-workers", "0", "--lr", "0.05"]  # fmt: skip
 
 
-def make_folder(root, classes=("cat", "dog"), per_class=8, size=32):
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 64, (size, size, 3)) + 128 * label
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-def test_imagefolder_trains(tmp_path):
-    data = make_folder(tmp_path / "data", size=40)  # not 32x32: resized on load
-    manifest = train_ok(tmp_path / "run", *IMAGEFOLDER, "--data-dir", str(data))
-    assert manifest["test_images"] == 16
-    assert manifest["dataset_sha256"] == imagefolder(str(data)).fingerprint()  # the data the run saw
+def test_imagefolder_trains_and_trains_the_same_from_its_cache(tmp_path):
+    data, cache = make_folder(tmp_path / "data", size=40), tmp_path / "cache"  # not 32x32: resized on load
+    outputs = []
+    for name in ("decoded", "cached"):
+        result = run_train(*IMAGEFOLDER, "--data-dir", str(data), "--data-cache", str(cache),
+                           "--output-dir", str(tmp_path / name))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout)
+    (entry,) = cache.iterdir()
+    assert f"decoded 32 images, cached in {entry}" in outputs[0] and f"read from {entry}" in outputs[1]
+    decoded, cached = read_manifest(tmp_path / "decoded"), read_manifest(tmp_path / "cached")
+    assert decoded["test_images"] == 16
+    assert decoded["dataset_sha256"] == imagefolder(str(data)).fingerprint()  # the data the run saw
+    assert cached["weights_sha256"] == decoded["weights_sha256"]
 
 
 def png_declaring(width: int, height: int) -> bytes:

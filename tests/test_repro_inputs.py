@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, clean_env, read_manifest
+from conftest import REPO, clean_env, make_folder, read_manifest
 
 from repro.__main__ import main
 
@@ -207,6 +207,17 @@ def test_reproduce_creates_no_data_folder_a_manifest_names(reference_run, tmp_pa
     assert not (tmp_path / "again").exists()
     assert status == 2, error[-2000:]
     assert error.count("\n") == 1 and f"data_dir '{elsewhere / 'data'}' is not a folder here" in error
+
+
+def test_reproduce_writes_no_data_cache_a_manifest_names(reference_run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    folder = make_folder(tmp_path / "images", per_class=16)  # 32 training images: the reference's batch
+    config = {"dataset": "imagefolder", "data_dir": str(folder), "data_cache": str(elsewhere / "cache")}
+    path = manifest_with(reference_run, tmp_path / "manifest.json", config=config)
+    status = main(["reproduce", str(path), "--output-dir", str(tmp_path / "again")])
+    assert status == 1, capsys.readouterr().err[-2000:]  # trained, on other data than the reference's
+    assert read_manifest(tmp_path / "again")["config"]["data_cache"] == "none"
+    assert not elsewhere.exists()
 
 
 # SIGINT takes the same path as SIGTERM: it runs with the slow tests, to keep `make test` under 10 minutes.

@@ -1,0 +1,125 @@
+"""A cache of decoded image folders: a folder is decoded once, and later runs read its arrays.
+
+Decoding CIFAR-10's 60,000 JPEGs one by one with PIL took 18-21 s on the 2-core
+machine of BENCHMARKS.md (section 10), and reading their cache entry 3 s, most
+of it hashing the files. The speedrun recipe trains in under 4 s on a GPU, so
+without the cache most of a run's wall time would be decoding, again at every
+run and on every rank.
+
+An entry is found by content, never by name or date: its key is a SHA-256 over
+every image file's path in the folder, its bytes, the class list, and the
+decoder (:data:`DECODE_VERSION`, this project's decoding steps, and the versions
+of PIL and of its image libraries). A file changed, added, removed or renamed,
+or another PIL, makes another key, so a run never trains on stale arrays. An
+entry also holds the SHA-256 of its arrays, checked when it is read: one that
+fails the check, or cannot be read, is decoded again and replaced.
+
+Entries are written atomically (a temporary file, then a rename): a run killed
+while writing leaves at most a temporary file, never a partial entry, and
+ranks that write the same entry at once each replace it with the same bytes.
+A folder that cannot be written costs the cache, not the run: :func:`store`
+reports why and the run goes on with the decoded arrays. Entries are never
+deleted; delete the folder to reclaim the space (CIFAR-10: 185 MB an entry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+# Change this whenever decoding changes (cifar/data.py's _read_image: conversion,
+# resizing, size): entries written by the old code then no longer match.
+DECODE_VERSION = 1
+AUTO = "auto"  # the default folder: $XDG_CACHE_HOME/repro, else ~/.cache/repro
+OFF = "none"
+_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "mean", "std")
+
+
+def cache_dir(setting: str) -> Path | None:
+    """The folder named by the ``data_cache`` setting: ``auto`` (the user's cache folder),
+    ``none`` (no cache: None), or a path. Call it where the run starts: it reads
+    ``XDG_CACHE_HOME`` and the home folder of the environment then."""
+    if not setting:
+        raise ValueError(f"data_cache must be {AUTO!r}, {OFF!r} or a folder, got an empty string")
+    if setting == OFF:
+        return None
+    if setting == AUTO:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "repro"
+    return Path(setting).expanduser()
+
+
+def _decoder() -> bytes:
+    """What decides the pixels besides the files: this project's decoding and PIL's libraries."""
+    from PIL import __version__, features
+
+    libraries = [f"{name}={features.version(name)}" for name in ("jpg", "libjpeg_turbo", "zlib", "webp", "libtiff")]
+    return f"decode={DECODE_VERSION};pillow={__version__};{';'.join(libraries)}".encode()
+
+
+def folder_key(root: Path, classes: list[str], files: Iterable[Path]) -> str:
+    """SHA-256 over the decoder, the classes, and each file's path under ``root`` and bytes, in order.
+
+    Reads every file; an ``OSError`` reading one propagates to the caller, which names the file.
+    """
+    digest = hashlib.sha256(_decoder())
+    digest.update("\0".join(classes).encode() + b"\0\0")
+    depth = len(root.parts)
+    for path in files:
+        content = path.read_bytes()
+        name = "/".join(path.parts[depth:]).encode()  # its path under root; relative_to() is slower
+        # Lengths first: no two listings of names and bytes hash the same stream.
+        digest.update(len(name).to_bytes(8, "little") + name + len(content).to_bytes(8, "little"))
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def entry_path(folder: Path, key: str) -> Path:
+    """Where the entry of ``key`` lives in ``folder``."""
+    return folder / f"imagefolder-{key}.npz"
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in _ARRAYS:
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def load(folder: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays of entry ``key`` (train_images, train_labels, test_images, test_labels, mean,
+    std), or None when there is none, it cannot be read, or its arrays fail their checksum."""
+    path = entry_path(folder, key)
+    try:
+        with np.load(path, allow_pickle=False) as entry:
+            arrays = {name: entry[name] for name in _ARRAYS}
+            recorded = str(entry["sha256"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, or damaged
+        return None
+    return arrays if _arrays_sha256(arrays) == recorded else None
+
+
+def store(folder: Path, key: str, arrays: dict[str, np.ndarray]) -> str | None:
+    """Write entry ``key`` atomically; returns None, or why it could not be written (the run goes on)."""
+    path = entry_path(folder, key)
+    # Named by host and process: ranks on hosts that share the folder never write one file.
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with temporary.open("wb") as file:
+            np.savez(file, sha256=np.array(_arrays_sha256(arrays)), **{name: arrays[name] for name in _ARRAYS})
+        temporary.replace(path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        return f"{error.strerror or error}: {error.filename or folder}"
+    return None

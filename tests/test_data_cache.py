@@ -1,0 +1,104 @@
+"""The cache of decoded image folders (cifar/data_cache.py): found by content, checked when read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_folder
+from PIL import Image
+
+from cifar import data, data_cache
+from cifar.data import imagefolder
+
+
+def entries(cache):
+    return sorted(cache.glob("imagefolder-*.npz"))
+
+
+def same_data(a: data.Splits, b: data.Splits) -> bool:
+    return a.fingerprint() == b.fingerprint() and (a.mean, a.std, a.num_classes) == (b.mean, b.std, b.num_classes)
+
+
+def test_a_cached_folder_reads_back_what_decoding_gives(tmp_path, monkeypatch):
+    folder, cache = make_folder(tmp_path / "data", size=40), tmp_path / "cache"
+    decoded = imagefolder(str(folder))
+    first = imagefolder(str(folder), cache)
+    assert first.source.endswith(f"decoded 32 images, cached in {entries(cache)[0]}")
+    assert same_data(first, decoded)
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} though the cache holds it")
+
+    monkeypatch.setattr(data, "_read_image", no_decoding)
+    again = imagefolder(str(folder), cache)
+    assert again.source.endswith(f"read from {entries(cache)[0]}") and same_data(again, decoded)
+    moved = folder.rename(tmp_path / "moved")  # the key names files by their path inside the folder
+    assert imagefolder(str(moved), cache).source.endswith(f"read from {entries(cache)[0]}")
+
+
+@pytest.mark.parametrize("change", ["pixels", "renamed", "added"])
+def test_a_changed_folder_is_decoded_again(tmp_path, change):
+    folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"
+    imagefolder(str(folder), cache)
+    image = folder / "train" / "dog" / "3.png"
+    if change == "pixels":
+        Image.new("RGB", (32, 32), (1, 2, 3)).save(image)
+    elif change == "renamed":
+        image.rename(image.with_name("9.png"))
+    else:
+        Image.new("RGB", (32, 32)).save(folder / "test" / "cat" / "extra.png")
+    changed = imagefolder(str(folder), cache)
+    assert "decoded" in changed.source and len(entries(cache)) == 2
+    assert same_data(changed, imagefolder(str(folder)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not a zip"])
+def test_a_damaged_entry_is_decoded_again_and_replaced(tmp_path, damage):
+    folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"
+    imagefolder(str(folder), cache)
+    (entry,) = entries(cache)
+    content = bytearray(entry.read_bytes())
+    if damage == "truncated":
+        content = content[: len(content) // 2]
+    elif damage == "flipped byte":
+        content[len(content) // 2] ^= 0xFF
+    else:
+        content = bytearray(b"not an archive")
+    entry.write_bytes(content)
+    again = imagefolder(str(folder), cache)
+    assert again.source.endswith(f"decoded 32 images, cached in {entry}")
+    assert same_data(again, imagefolder(str(folder)))
+    assert imagefolder(str(folder), cache).source.endswith(f"read from {entry}")
+
+
+def test_an_entry_whose_arrays_fail_their_checksum_is_not_used(tmp_path):
+    folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"
+    imagefolder(str(folder), cache)
+    (entry,) = entries(cache)
+    key = entry.stem.removeprefix("imagefolder-")
+    arrays = data_cache.load(cache, key)
+    arrays["train_images"][0, 0, 0, 0] ^= 1  # a well-formed archive holding other pixels
+    with entry.open("wb") as file:
+        np.savez(file, sha256=np.array("0" * 64), **arrays)
+    assert data_cache.load(cache, key) is None
+    assert "decoded" in imagefolder(str(folder), cache).source
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path):
+    folder, blocker = make_folder(tmp_path / "data"), tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    loaded = imagefolder(str(folder), blocker / "cache")
+    assert "decoded 32 images, not cached (" in loaded.source and str(blocker) in loaded.source
+    assert same_data(loaded, imagefolder(str(folder)))
+
+
+def test_the_cache_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data_cache.cache_dir("auto") == tmp_path / "repro"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_cache.cache_dir("auto") == tmp_path / "home" / ".cache" / "repro"
+    assert data_cache.cache_dir("none") is None
+    assert data_cache.cache_dir("~/decoded") == tmp_path / "home" / "decoded"
+    with pytest.raises(ValueError, match="empty"):
+        data_cache.cache_dir("")
