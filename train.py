@@ -286,20 +286,16 @@ def evaluate(
     """Test loss and accuracy over the whole test set, each image counted once, with
     test-time augmentation of ``tta_level`` (cifar/tta.py)."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss, correct
+    images_seen = 0  # counted on the host: a count made into a device tensor per batch would wait for the GPU
     for images, labels in loader:
         images, labels = to_device(images, labels, config, accelerator)
         with accelerator.autocast():
             logits = tta_logits(model, images, tta_level)
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        totals += torch.stack(
-            [
-                loss.double(),
-                (logits.argmax(1) == labels).sum().double(),
-                torch.tensor(len(labels), dtype=torch.float64, device=accelerator.device),
-            ]
-        )
-    totals = accelerator.reduce(totals, reduction="sum")
+        sums += torch.stack([loss.double(), (logits.argmax(1) == labels).sum().double()])
+        images_seen += len(labels)
+    totals = accelerator.reduce(torch.cat([sums, sums.new_tensor([images_seen])]), reduction="sum")
     model.train()
     loss_sum, correct, count = totals.tolist()
     return {"test_loss": loss_sum / count, "test_accuracy": correct / count, "test_images": int(count)}

@@ -18,7 +18,7 @@ that its counters and its window work.
 On a CPU none of these calls waits for anything, so the probe counts calls
 rather than time: each one, on a GPU, would make the host wait for the queued
 work (a read of a device value into Python, a copy to the host, a
-synchronisation, a collective). DataLoader workers are separate processes: the
+synchronisation, a collective, a tensor made from Python data on the device). DataLoader workers are separate processes: the
 calls they make are not counted, and they never block the training process.
 """
 
@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import accelerate  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import train  # noqa: E402
 
@@ -73,7 +74,9 @@ def caller() -> str:
     direct = frame
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        if path.is_relative_to(REPO) and path != Path(__file__).resolve():
+        # Not an installed package, though a virtual environment may live in the checkout.
+        ours = path.is_relative_to(REPO) and "site-packages" not in path.parts
+        if ours and path != Path(__file__).resolve():
             return f"{path.relative_to(REPO)}:{frame.f_lineno}"
         frame = frame.f_back
     return f"{direct.f_code.co_filename}:{direct.f_lineno}"
@@ -109,6 +112,21 @@ class Watched:
                 yield batch
         finally:
             self.window.open = False
+
+
+class TensorsFromPythonData(TorchDispatchMode):
+    """Counts, in ``window``, the tensors made from Python data (``torch.tensor(x, device=...)``,
+    ``new_tensor``): on a GPU each is a copy from pageable host memory, which waits for the
+    queued work, and no patched Python call above sees it."""
+
+    def __init__(self, window: Window) -> None:
+        super().__init__()
+        self.window = window
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if self.window.open and func is torch.ops.aten.lift_fresh.default:
+            self.window.count("a tensor from Python data")
+        return func(*args, **(kwargs or {}))
 
 
 def install(window: Window) -> None:
@@ -158,7 +176,8 @@ def main(argv: list[str]) -> int:
     for run_args in runs:
         window.self_check = run_args[:1] == ["--self-check"]
         window.steps, window.calls = 0, collections.Counter()
-        status = train.main(run_args[window.self_check :])
+        with TensorsFromPythonData(window):
+            status = train.main(run_args[window.self_check :])
         print(json.dumps({"status": status, "steps": window.steps, "calls": dict(window.calls)}), flush=True)
     return 0
 
