@@ -18,8 +18,9 @@ that its counters and its window work.
 On a CPU none of these calls waits for anything, so the probe counts calls
 rather than time: each one, on a GPU, would make the host wait for the queued
 work (a read of a device value into Python, a copy to the host, a
-synchronisation, a collective, a tensor made from Python data on the device). DataLoader workers are separate processes: the
-calls they make are not counted, and they never block the training process.
+synchronisation, a collective, a tensor made from Python data on the device).
+DataLoader workers are separate processes: the calls they make are not
+counted, and they never block the training process.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Watched:
 class TensorsFromPythonData(TorchDispatchMode):
     """Counts, in ``window``, the tensors made from Python data (``torch.tensor(x, device=...)``,
     ``new_tensor``): on a GPU each is a copy from pageable host memory, which waits for the
-    queued work, and no patched Python call above sees it."""
+    queued work, and no patched Python call above sees it. On a CPU run every tensor is a
+    host tensor, so all are counted, a host-only one too (GracefulStop's, with several ranks)."""
 
     def __init__(self, window: Window) -> None:
         super().__init__()
