@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 # Change this whenever decoding changes (cifar/data.py's _read_image: conversion,
-# resizing, size): entries written by the old code then no longer match.
+# resizing, size) or what an entry holds (_ARRAYS): entries of the old code then
+# no longer match, and are never read as the new code's.
 DECODE_VERSION = 1
 AUTO = "auto"  # the default folder: $XDG_CACHE_HOME/repro, else ~/.cache/repro
 OFF = "none"
