@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
-from conftest import make_folder
+from conftest import REPO, clean_env, make_folder
 from PIL import Image
 
 from cifar import data, data_cache
@@ -69,6 +75,28 @@ def test_a_damaged_entry_is_decoded_again_and_replaced(tmp_path, damage):
     assert again.source.endswith(f"decoded 32 images, cached in {entry}")
     assert same_data(again, imagefolder(str(folder)))
     assert imagefolder(str(folder), cache).source.endswith(f"read from {entry}")
+
+
+def test_a_writer_killed_while_writing_leaves_no_entry(tmp_path):
+    cache, key = tmp_path / "cache", "0" * 64
+    writer = f"""
+import numpy as np
+from pathlib import Path
+from cifar import data_cache
+images = np.ones((100_000, 3, 32, 32), dtype=np.uint8)  # 300 MB: seconds to hash and write
+labels = np.zeros(100_000, dtype=np.int64)
+arrays = dict(train_images=images, train_labels=labels, test_images=images[:10], test_labels=labels[:10],
+              mean=np.zeros(3), std=np.ones(3))
+data_cache.store(Path({str(cache)!r}), {key!r}, arrays)
+"""
+    process = subprocess.Popen([sys.executable, "-c", writer], cwd=REPO, env=clean_env())
+    deadline = time.monotonic() + 60
+    while not list(cache.glob(".*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the writer finished before it was killed"
+    assert list(cache.glob(".*.tmp")) and not data_cache.entry_path(cache, key).exists()
+    assert data_cache.load(cache, key) is None
 
 
 def test_an_entry_whose_arrays_fail_their_checksum_is_not_used(tmp_path):
