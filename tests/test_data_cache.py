@@ -54,7 +54,7 @@ def test_a_changed_folder_is_decoded_again(tmp_path, change):
     else:
         Image.new("RGB", (32, 32)).save(folder / "test" / "cat" / "extra.png")
     changed = imagefolder(str(folder), cache)
-    assert "decoded" in changed.source and len(entries(cache)) == 2
+    assert ", cached in " in changed.source and len(entries(cache)) == 2
     assert same_data(changed, imagefolder(str(folder)))
 
 
@@ -109,7 +109,7 @@ def test_an_entry_whose_arrays_fail_their_checksum_is_not_used(tmp_path):
     with entry.open("wb") as file:
         np.savez(file, sha256=np.array("0" * 64), **arrays)
     assert data_cache.load(cache, key) is None
-    assert "decoded" in imagefolder(str(folder), cache).source
+    assert ", cached in " in imagefolder(str(folder), cache).source
 
 
 def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path):
