@@ -99,6 +99,39 @@ data_cache.store(Path({str(cache)!r}), {key!r}, arrays)
     assert data_cache.load(cache, key) is None
 
 
+def test_two_processes_writing_one_entry_at_once_leave_it_whole(tmp_path):
+    folder, cache, go = make_folder(tmp_path / "data", per_class=64), tmp_path / "cache", tmp_path / "go"
+    # As two ranks do: they start together, both miss, decode and write the same entry.
+    loader = f"""
+import os
+import time
+from pathlib import Path
+from cifar.data import imagefolder
+Path({str(tmp_path)!r}, f"ready-{{os.getpid()}}").touch()
+while not Path({str(go)!r}).exists():
+    time.sleep(0.002)
+splits = imagefolder({str(folder)!r}, Path({str(cache)!r}))
+print(splits.fingerprint(), splits.source)
+"""
+    processes = [
+        subprocess.Popen([sys.executable, "-c", loader], cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outputs = [process.communicate(timeout=120)[0].split(" ", 1) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    (entry,) = entries(cache)
+    assert sorted(path.name for path in cache.iterdir()) == [entry.name]  # no temporary file left
+    expected = imagefolder(str(folder)).fingerprint()
+    assert [fingerprint for fingerprint, _ in outputs] == [expected, expected]
+    # Both wrote it, unless one was descheduled long enough to find the other's entry.
+    assert any(source.strip().endswith(f"cached in {entry}") for _, source in outputs)
+    assert imagefolder(str(folder), cache).source.endswith(f"read from {entry}")
+
+
 def test_an_entry_whose_arrays_fail_their_checksum_is_not_used(tmp_path):
     folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"
     imagefolder(str(folder), cache)
