@@ -11,8 +11,9 @@ every image file's path in the folder, its bytes, the class list, and the
 decoder (:data:`DECODE_VERSION`, this project's decoding steps, and the versions
 of PIL and of its image libraries). A file changed, added, removed or renamed,
 or another PIL, makes another key, so a run never trains on stale arrays. An
-entry also holds the SHA-256 of its arrays, checked when it is read: one that
-fails the check, or cannot be read, is decoded again and replaced.
+entry also holds a checksum of its arrays (cifar/data.py's: built on the
+dataset fingerprint that the run records anyway), checked when it is read: one
+that fails the check, or cannot be read, is decoded again and replaced.
 
 Entries are written atomically (a temporary file, then a rename): a run killed
 while writing leaves at most a temporary file, never a partial entry, and
@@ -37,7 +38,7 @@ import numpy as np
 # Change this whenever decoding changes (cifar/data.py's _read_image: conversion,
 # resizing, size) or what an entry holds (_ARRAYS): entries of the old code then
 # no longer match, and are never read as the new code's.
-DECODE_VERSION = 1
+DECODE_VERSION = 2
 AUTO = "auto"  # the default folder: $XDG_CACHE_HOME/repro, else ~/.cache/repro
 OFF = "none"
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "mean", "std")
@@ -87,37 +88,28 @@ def entry_path(folder: Path, key: str) -> Path:
     return folder / f"imagefolder-{key}.npz"
 
 
-def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in _ARRAYS:
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(array)  # its buffer, not a copy of it (tobytes): 150 MB for CIFAR-10's images
-    return digest.hexdigest()
-
-
-def load(folder: Path, key: str) -> dict[str, np.ndarray] | None:
+def load(folder: Path, key: str) -> tuple[dict[str, np.ndarray], str] | None:
     """The arrays of entry ``key`` (train_images, train_labels, test_images, test_labels, mean,
-    std), or None when there is none, it cannot be read, or its arrays fail their checksum."""
+    std) and the checksum stored with them, or None when there is none or it cannot be read.
+    The caller compares the checksum with its own of the arrays before it uses them."""
     path = entry_path(folder, key)
     try:
         with np.load(path, allow_pickle=False) as entry:
-            arrays = {name: entry[name] for name in _ARRAYS}
-            recorded = str(entry["sha256"])
+            return {name: entry[name] for name in _ARRAYS}, str(entry["checksum"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, or damaged
         return None
-    return arrays if _arrays_sha256(arrays) == recorded else None
 
 
-def store(folder: Path, key: str, arrays: dict[str, np.ndarray]) -> str | None:
-    """Write entry ``key`` atomically; returns None, or why it could not be written (the run goes on)."""
+def store(folder: Path, key: str, arrays: dict[str, np.ndarray], checksum: str) -> str | None:
+    """Write entry ``key`` (``arrays`` and their ``checksum``) atomically; returns None, or why
+    it could not be written (the run goes on)."""
     path = entry_path(folder, key)
     # Named by host and process: ranks on hosts that share the folder never write one file.
     temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with temporary.open("wb") as file:
-            np.savez(file, sha256=np.array(_arrays_sha256(arrays)), **{name: arrays[name] for name in _ARRAYS})
+            np.savez(file, checksum=np.array(checksum), **{name: arrays[name] for name in _ARRAYS})
         temporary.replace(path)
     except OSError as error:
         with contextlib.suppress(OSError):
