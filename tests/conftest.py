@@ -31,14 +31,17 @@ TINY = [
 DATALOADER = ["--data-pipeline", "dataloader"]
 
 
-def make_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 8, size: int = 32) -> Path:
-    """An image folder (train/<class>/, test/<class>/) of ``per_class`` PNGs a class and split."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for label, name in enumerate(classes):
+def make_folder(
+    root: Path, per_class: int = 8, size: int = 32, *, test_per_class: int | None = None, seed: int = 0
+) -> Path:
+    """An image folder of two classes, cat and dog: ``per_class`` PNGs a class in train/ and
+    ``test_per_class`` (default the same) in test/, their pixels drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("test", per_class if test_per_class is None else test_per_class)):
+        for label, name in enumerate(("cat", "dog")):
             folder = root / split / name
             folder.mkdir(parents=True)
-            for i in range(per_class):
+            for i in range(count):
                 pixels = rng.integers(0, 64, (size, size, 3)) + 128 * label
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root

@@ -18,11 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, assert_one_line_error, clean_env, read_manifest, run_train, train_ok
-from PIL import Image
+from conftest import REPO, TINY, assert_one_line_error, clean_env, make_folder, read_manifest, run_train, train_ok
 from safetensors.torch import load_file, save_file
 from test_distributed_runs import two_process_command
 from test_resume import assert_same_run
@@ -170,27 +168,14 @@ def test_latest_and_path_refuse_a_damaged_checkpoint_in_one_line(many_checkpoint
     assert_one_line_error(result, str(folder), reason)
 
 
-def write_image_folder(root: Path, seed: int, train_per_class: int = 4) -> Path:
-    """An imagefolder dataset of two classes: ``train_per_class`` and 2 test images each, random pixels."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("test", 2)):
-        for name in ("cat", "dog"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.png")
-    return root
-
-
 IMAGEFOLDER = ["--dataset", "imagefolder", "--model", "small_cnn", "--epochs", "2", "--batch-size", "4",
                "--lr", "0.05", "--num-workers", "0"]  # fmt: skip
 
 
 def test_resume_refuses_other_data_and_accepts_a_moved_copy(tmp_path):
-    data, run_dir = write_image_folder(tmp_path / "a", seed=1), tmp_path / "run"
-    other = write_image_folder(tmp_path / "b", seed=2)  # same count, other pixels
-    bigger = write_image_folder(tmp_path / "c", seed=1, train_per_class=6)
+    data, run_dir = make_folder(tmp_path / "a", 4, test_per_class=2, seed=1), tmp_path / "run"
+    other = make_folder(tmp_path / "b", 4, test_per_class=2, seed=2)  # same count, other pixels
+    bigger = make_folder(tmp_path / "c", 6, test_per_class=2, seed=1)
     result = run_train(*IMAGEFOLDER, "--data-dir", str(data), "--output-dir", str(run_dir), "--max-steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     trained_on = imagefolder(str(data)).fingerprint()[:12]
