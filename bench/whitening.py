@@ -1,0 +1,112 @@
+"""The speedrun net's whitening initialisation: its host time, and against the layout it replaced.
+
+train.py sets the whitening layer of ``model: speedrun`` before training starts,
+on the host: ``SpeedrunNet.init_whitening`` over 5,000 normalised training
+images in float64, at the config's torch thread count (``cpu_threads``, 1 by
+default). airbench94 counts its own whitening in a run's time, so the GPU check
+(stage f) adds this figure to the recipe's GPU seconds. Its covariance is
+timed against the layout ``init_whitening`` used before (one row per patch,
+``covariance_one_row_per_patch`` here), in alternating repetitions; both must
+give the same covariance, bit for bit. The figures: ``init_whitening``'s
+median seconds, and the median of the per-repetition ratios, old covariance
+over new.
+
+    python bench/whitening.py                                # normally distributed images
+    python bench/whitening.py --folder /tmp/cifar10-jpeg     # 5,000 of its training images
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import benchlib
+import torch
+
+from cifar import data_cache
+from cifar.build import WHITENING_IMAGES
+from cifar.data import imagefolder
+from cifar.device_data import normalize
+from cifar.models import SpeedrunNet, patch_covariance
+
+
+def covariance_one_row_per_patch(images: torch.Tensor) -> torch.Tensor:
+    """The whitening layer's covariance as init_whitening computed it before: one row per 2x2 patch."""
+    kernel, size = SpeedrunNet.WHITEN_KERNEL, 3 * SpeedrunNet.WHITEN_KERNEL**2
+    covariance = torch.zeros(size, size, dtype=torch.float64)
+    count = 0
+    for chunk in images.to(torch.float64).split(512):
+        patches = chunk.unfold(2, kernel, 1).unfold(3, kernel, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, size)
+        covariance += patches.T @ patches
+        count += len(patches)
+    return covariance / count
+
+
+def training_images(folder: Path | None) -> torch.Tensor:
+    """5,000 normalised images, chosen as train.py chooses them (with a fixed seed) from the
+    folder's training split, or normal noise."""
+    chooser = torch.Generator().manual_seed(0)
+    if folder is None:
+        return torch.randn(WHITENING_IMAGES, 3, 32, 32, generator=chooser)
+    splits = imagefolder(str(folder), data_cache.cache_dir("auto"))
+    chosen = torch.randperm(len(splits.train), generator=chooser)[:WHITENING_IMAGES].sort().values
+    stats = [torch.tensor(values).view(1, -1, 1, 1) for values in (splits.mean, splits.std)]
+    return normalize(splits.train.images[chosen], *stats)
+
+
+def seconds(function: Callable[..., object], *args: object) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, help="an image folder (train/<class>/*); default: normal noise")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions of each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (train.py: cpu_threads, default 1)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    info = benchlib.start("strict")
+    images = training_images(args.folder)
+    kernel = SpeedrunNet.WHITEN_KERNEL
+    if not torch.equal(patch_covariance(images, kernel), covariance_one_row_per_patch(images)):
+        raise SystemExit("the two layouts gave different covariances")
+    model = SpeedrunNet()
+    whole, now, before = [], [], []
+    for _ in range(args.repeats):
+        whole.append(seconds(model.init_whitening, images))
+        now.append(seconds(patch_covariance, images, kernel))
+        before.append(seconds(covariance_one_row_per_patch, images))
+    rows = [
+        ["init_whitening", *whole],
+        ["its covariance (patch_covariance)", *now],
+        ["the covariance, one row per patch", *before],
+    ]
+    benchlib.print_table(
+        ["seconds", *(f"run {i + 1}" for i in range(args.repeats))],
+        [[name, *(f"{value:.3f}" for value in values)] for name, *values in rows],
+    )
+    ratio = benchlib.median_ratio(before, now)
+    print(f"same covariance, bit for bit; one row per patch / now: {ratio:.2f}x")
+    benchlib.write_json(
+        args.json,
+        {
+            "environment": info,
+            "images": "folder" if args.folder else "normal noise",
+            "threads": args.threads,
+            "init_whitening_s": whole,
+            "patch_covariance_s": now,
+            "one_row_per_patch_s": before,
+            "median_init_whitening_s": statistics.median(whole),
+            "ratio": ratio,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
