@@ -39,10 +39,10 @@ f. With a CIFAR-10 folder: the speedrun recipe (``configs/cifar10_speedrun.yaml`
    issue 12 measures airbench94: the timed runs follow a warm-up run in the
    same process (bench/train_runs.py; another seed, its figures reported, not
    counted), which takes CUDA's start-up; the repeat runs alone in a process,
-   cold. Then the repeat's
-   weights against the first's (bitwise), the speedrun network's bare
-   training step at batch 1024 in bf16 strict (as stage c measures) and
-   train.py's rate over epochs 2 on against it (target >= 0.9).
+   cold. Then the repeat's weights against the first's (bitwise), the
+   speedrun network's bare training step at batch 1024 in bf16 strict (as
+   stage c measures) and train.py's rate over epochs 2 on against it (target
+   >= 0.9).
 
 g. Whether the GPU waits for the host in train.py's steps
    (bench/step_timeline.py: a torch.profiler timeline of the speedrun recipe's

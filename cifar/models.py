@@ -177,8 +177,8 @@ def patch_covariance(images: Tensor, kernel: int) -> Tensor:
     count = 0
     for chunk in images.detach().to("cpu", torch.float64).split(512):
         # (N, C, H', W', kh, kw) -> one row per filter element and one column per patch: this
-        # layout copies whole image rows, twice as fast on the CPU as one row per patch
-        # (bench/whitening.py), and gives the same covariance, bit for bit.
+        # layout copies whole image rows, about twice as fast as one row per patch, and gave
+        # the same covariance, bit for bit (bench/whitening.py, BENCHMARKS.md section 7.1).
         patch_rows = chunk.unfold(2, kernel, 1).unfold(3, kernel, 1).permute(1, 4, 5, 0, 2, 3).reshape(size, -1)
         covariance += patch_rows @ patch_rows.T
         count += patch_rows.shape[1]
