@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (train.py: cpu_threads, default 1)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     info = benchlib.start("strict")
     images = training_images(args.folder)
