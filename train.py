@@ -155,6 +155,12 @@ def train(
     # Resumed from the last epoch's checkpoint, a run has no epoch left to evaluate:
     # its result is that epoch's evaluation.
     result = {key: progress.records[-1][key] for key in EVALUATION_KEYS} if progress.records else {}
+    if progress.step == config.max_steps:
+        # Resumed where --max-steps stopped it: nothing to train. Inside an epoch, that stop
+        # evaluated what it trained, and so does this.
+        if progress.position:
+            result = finish_epoch(training, test_batches, metrics, progress, loss_sum, step_log, clock)
+        return result, None
     stopped_by = None
     for images, labels in remaining_batches(train_batches, training, progress):
         loss = training_step(model, images, labels, criterion, config, accelerator)

@@ -250,6 +250,11 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
     if restored.rank_progress is not None:
         loss_sum = torch.tensor(restored.rank_progress["loss_sum"], device=accelerator.device)
     progress = Progress(state["epoch"], state["position"], restored.step, state["records"])
+    if config.max_steps is not None and progress.step > config.max_steps:
+        raise UsageError(
+            f"--max-steps {config.max_steps}: the run resumed from {restored.path} is at step {progress.step} "
+            "already; give a later step, or leave it out"
+        )
     if accelerator.is_main_process:
         metrics.rewrite(progress.records)
     accelerator.print(f"resumed from {restored.path} at step {progress.step} (epoch {progress.epoch + 1})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cifar import tta
+from cifar import data_cache, tta
 from cifar.models import model_names
 from repro.files import DECIMAL_FLOAT, DECIMAL_INT, RunFileError, parse_yaml_mapping
 from repro.report import short
@@ -316,6 +316,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         )
     if not config.data_cache.strip():
         raise ConfigError("data_cache must be auto, none or a folder, got an empty value")
+    try:
+        data_cache.cache_dir(config.data_cache)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not 1 <= config.cpu_threads <= MAX_CPU_THREADS:
         raise ConfigError(f"cpu_threads must be in [1, {MAX_CPU_THREADS}], got {short(config.cpu_threads)}")
     if config.max_steps is not None and config.max_steps < 1:

@@ -47,15 +47,19 @@ _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "mean",
 def cache_dir(setting: str) -> Path | None:
     """The folder named by the ``data_cache`` setting: ``auto`` (the user's cache folder),
     ``none`` (no cache: None), or a path. Call it where the run starts: it reads
-    ``XDG_CACHE_HOME`` and the home folder of the environment then."""
+    ``XDG_CACHE_HOME`` and the home folder of the environment then. Raises ``ValueError``
+    for an empty setting or a home folder that cannot be found."""
     if not setting:
         raise ValueError(f"data_cache must be {AUTO!r}, {OFF!r} or a folder, got an empty string")
     if setting == OFF:
         return None
-    if setting == AUTO:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        return Path(base) / "repro"
-    return Path(setting).expanduser()
+    try:
+        if setting == AUTO:
+            base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+            return Path(base) / "repro"
+        return Path(setting).expanduser()
+    except RuntimeError as error:  # a home folder that cannot be found: ~user of no user, or no HOME
+        raise ValueError(f"data_cache {setting!r}: {str(error).rstrip('.')}; give a folder, or none") from None
 
 
 def _decoder() -> bytes:

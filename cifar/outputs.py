@@ -33,6 +33,7 @@ from cifar.config import (
     validate,
 )
 from cifar.runlock import LOCK_NAME, RunFolderInUseError, lock_run_dir
+from cifar.tracking import TENSORBOARD_DIR
 from repro import checkpoint_format
 from repro.files import write_atomic
 from repro.manifest import (
@@ -51,10 +52,8 @@ RUN_FORMAT = "repro.run"
 # What a run folder holds: the files and folders train.py and accelerate's
 # tensorboard tracker write into it, and nothing else.
 RUN_FILES = frozenset({CONFIG_FILE, METRICS_FILE, MANIFEST_FILE, WEIGHTS_FILE, CURVES_FILE, MARKER_NAME, LOCK_NAME})
-RUN_FOLDERS = {
-    CHECKPOINTS_DIR: (checkpoint_format.PREFIX, ".tmp-"),  # checkpoints and their staging folders
-    "tensorboard": ("events.out.tfevents.",),
-}
+TENSORBOARD_PREFIX = "events.out.tfevents."  # the names of the event files in TENSORBOARD_DIR
+RUN_FOLDERS = frozenset({CHECKPOINTS_DIR, TENSORBOARD_DIR})  # checkpoint_format says what the first holds
 # write_atomic's temporary files, left behind by a run killed while writing one.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8,12}")
 
@@ -97,7 +96,7 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     if config.overwrite:
         raise ConfigError("--overwrite deletes the run that --resume would continue: give one or the other")
     config_file = run_dir_of(config) / CONFIG_FILE
-    if not config_file.is_file():
+    if not (_exists(config_file) and config_file.is_file()):
         return validate(config)
     try:
         saved = {str(key): coerce(str(key), value) for key, value in load_yaml(config_file).items()}
@@ -115,6 +114,18 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
             f"({'; '.join(changed)}); leave them out, or start a new run in another --output-dir"
         )
     return validate(TrainConfig(**{**saved, **given}))
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, but a path the system refuses to look up (a name too long, a file
+    where a folder should be) is a one-line :class:`RunFolderError`, not a traceback."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise RunFolderError(f"output path {path}: {error.strerror}") from None
+    return True
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -163,8 +174,9 @@ def _stray(entry: Path) -> Path | None:
             return None
         if not entry.is_dir():
             return entry
-        prefixes = RUN_FOLDERS[entry.name]
-        return next((inner for inner in sorted(entry.iterdir()) if not inner.name.startswith(prefixes)), None)
+        if entry.name == CHECKPOINTS_DIR:
+            return checkpoint_format.unknown_entry(entry)
+        return next((inner for inner in sorted(entry.iterdir()) if not inner.name.startswith(TENSORBOARD_PREFIX)), None)
     return entry
 
 
@@ -175,7 +187,7 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
     Read-only. A folder holding the same resolved config (up to run-control keys
     such as ``num_workers``) is the same run: it may be written again, and resumed.
     """
-    if not output_dir.exists():
+    if not _exists(output_dir):
         return
     if not output_dir.is_dir():
         raise RunFolderError(f"output path {output_dir} exists and is not a folder")

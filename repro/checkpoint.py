@@ -134,7 +134,8 @@ class Checkpointer:
         rank_progress: Mapping[str, Any] | None = None,
         tensors: TensorGroups | None = None,
     ) -> Path:
-        """Write checkpoint ``step`` atomically, then remove the ones beyond ``keep``.
+        """Write checkpoint ``step`` atomically, set aside those of later steps (a run that went
+        back, :func:`repro.checkpoint_format.set_aside_after`), then remove the ones beyond ``keep``.
 
         When: after an optimizer step (and the scheduler's step), on every rank. Pass the
         unwrapped model. ``batches_consumed`` is the count the sampler's ``state_dict``
@@ -181,9 +182,15 @@ class Checkpointer:
                 error = failure(problem)
             else:
                 try:
+                    set_aside = fmt.set_aside_after(self.directory, step)
+                    if set_aside:
+                        self.log(
+                            f"set aside {len(set_aside)} checkpoint(s) of later steps, which this run went back "
+                            f"past, in {set_aside[0].parent}"
+                        )
                     fmt.prune(self.directory, self.keep, self.best_key)
                 except OSError as problem:
-                    error = f"checkpoint step {step} written, but older ones cannot be removed: {problem}"
+                    error = f"checkpoint step {step} written, but older or later ones cannot be moved: {problem}"
         _agree(None, error)
         return final
 

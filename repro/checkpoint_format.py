@@ -18,6 +18,11 @@ place once complete, so a kill during the write leaves the previous checkpoints
 intact and at worst a ``.tmp-*`` folder, which :func:`remove_stale_staging`
 deletes; two writers never share one. :func:`load` checks what a folder holds
 by itself (format, version, hashes, file list) before anyone reads its content.
+
+A run that went back to an earlier step (``auto`` past damaged checkpoints, or a
+path) moves the checkpoints of later steps into ``set-aside/`` when it writes
+its first one (:func:`set_aside_after`): they are kept, but no longer count as
+the newest, nor as the best.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ RESERVED_KEYS = frozenset({"format", "version", "step", "sampler", "scheduler", 
 OPTIMIZER_KEYS = frozenset({"state", "param_groups"})
 
 _FOLDER_NAME = re.compile(rf"{PREFIX}\d{{8}}")
+# What a writer killed mid-checkpoint leaves: its staging folder, or a rewritten step's old folder.
+_STAGING_NAME = re.compile(rf"\.tmp-(replaced-)?{PREFIX}\d{{8}}-\d+-[0-9a-f]{{8}}")
+SET_ASIDE_DIR = "set-aside"
+_SET_ASIDE_NAME = re.compile(rf"{PREFIX}\d{{8}}(\.[1-9]\d*)?")  # a second one of a step gets .1, .2, ...
 _RANK_FILE = re.compile(r"rank-(0|[1-9]\d*)\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -313,11 +322,11 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def remove_stale_staging(directory: Path) -> list[Path]:
-    """Delete the ``.tmp-*`` folders left by a run killed while writing; return them.
-    Links and folders that cannot be deleted are left alone: no run ever lists them."""
+    """Delete the ``.tmp-step-*`` folders left by a run killed while writing; return them.
+    Links, other names and folders that cannot be deleted are left alone: no run ever lists them."""
     removed = []
-    for path in sorted(directory.glob(".tmp-*")) if directory.is_dir() else []:
-        if path.is_symlink() or not path.is_dir():
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if not _STAGING_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
             continue
         try:
             shutil.rmtree(path)
@@ -360,6 +369,52 @@ def _recorded(path: Path, key: str) -> float | None:
     except (RunFileError, AttributeError):
         return None
     return value if is_number(value) else None
+
+
+def set_aside_after(directory: Path, step: int) -> list[Path]:
+    """Move the checkpoints of steps after ``step`` into ``directory/set-aside/``; return
+    where each went.
+
+    When: after writing checkpoint ``step``, before :func:`prune`. A run that wrote
+    ``step`` went on from an earlier one, so the later checkpoints belong to a course it
+    left (``auto`` refused them, or a path named an earlier one): left in place, they
+    would count as the newest, and pruning would delete what the run writes now.
+    """
+    later = [path for path in list_checkpoints(directory) if int(path.name.removeprefix(PREFIX)) > step]
+    if not later:
+        return []
+    aside = directory / SET_ASIDE_DIR
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for path in later:
+        target, copy = aside / path.name, 0
+        while target.exists() or target.is_symlink():
+            copy += 1
+            target = aside / f"{path.name}.{copy}"
+        path.rename(target)
+        moved.append(target)
+    _fsync(directory)
+    return moved
+
+
+def unknown_entry(directory: Path) -> Path | None:
+    """The first entry of the checkpoints folder ``directory`` that this format does not
+    write (by name and kind), or None: checkpoints, staging folders, ``set-aside/`` and
+    what it holds. A link with such a name is known: whoever clears the folder removes the
+    link, never what it points to."""
+    for entry in sorted(directory.iterdir()):
+        if entry.name == SET_ASIDE_DIR and entry.is_dir() and not entry.is_symlink():
+            inner = next((path for path in sorted(entry.iterdir()) if not _is_folder(path, _SET_ASIDE_NAME)), None)
+            if inner is not None:
+                return inner
+        elif not _is_folder(entry, _FOLDER_NAME, _STAGING_NAME, re.compile(SET_ASIDE_DIR)):
+            return entry
+    return None
+
+
+def _is_folder(path: Path, *names: re.Pattern[str]) -> bool:
+    """Whether ``path`` is a folder, or a link, with a name that one of ``names`` matches."""
+    return any(name.fullmatch(path.name) for name in names) and (path.is_symlink() or path.is_dir())
 
 
 def prune(directory: Path, keep: int, best_key: str | None = None) -> None:

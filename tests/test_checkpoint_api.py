@@ -107,3 +107,39 @@ def test_a_state_or_rank_file_linked_to_an_endless_file_is_refused_at_once(tmp_p
     (older / "rank-0.json").unlink()
     (older / "rank-0.json").symlink_to("/dev/zero")
     assert manager.restore("auto", **make_run()) is None  # both skipped: it starts afresh
+
+
+def test_a_run_that_went_back_sets_later_checkpoints_aside_and_keeps_what_it_writes(tmp_path):
+    # auto past damaged checkpoints, or a path to an earlier one: the later ones are not the
+    # newest for the run that goes on; pruning by name deleted each checkpoint it wrote.
+    notes = []
+    directory = tmp_path / "checkpoints"
+    manager = Checkpointer(directory, keep=2, best_key="score", log=notes.append)
+    run = make_run()
+    for step in range(1, 6):
+        train_step(run)
+        manager.save(step, **run, progress={"score": 5.0 if step == 2 else 0.0})
+    assert [path.name for path in manager.checkpoints()] == ["step-00000002", "step-00000004", "step-00000005"]
+    for damaged in manager.checkpoints()[1:]:
+        weights = damaged / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    assert manager.restore("auto", **run).step == 2
+    notes.clear()
+    train_step(run)
+    manager.save(3, **run, progress={"score": 0.0})
+    set_aside = directory / "set-aside"
+    assert notes == [f"set aside 2 checkpoint(s) of later steps, which this run went back past, in {set_aside}"]
+    assert [path.name for path in manager.checkpoints()] == ["step-00000002", "step-00000003"]
+    assert manager.restore("latest", **make_run()).step == 3
+    assert sorted(path.name for path in set_aside.iterdir()) == ["step-00000004", "step-00000005"]
+
+    # Back to step 2 again, past a new step 4: what was set aside stays, the new one gets a suffix.
+    manager.restore(str(directory / "step-00000002"), **run)
+    for step in (3, 4):
+        train_step(run)
+        manager.save(step, **run, progress={"score": 0.0})
+    manager.restore(str(directory / "step-00000002"), **run)
+    train_step(run)
+    manager.save(3, **run, progress={"score": 0.0})
+    assert sorted(path.name for path in set_aside.iterdir()) == ["step-00000004", "step-00000004.1", "step-00000005"]
+    assert [path.name for path in manager.checkpoints()] == ["step-00000002", "step-00000003"]

@@ -79,6 +79,10 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
         (["--cpu-threads", "1000000"], "cpu_threads must be in [1, 1024], got 1000000"),
         (["--data-cache", " "], "data_cache must be auto, none or a folder, got an empty value"),
         (
+            ["--data-cache", "~no-such-user-here/cache"],
+            "data_cache '~no-such-user-here/cache': Could not determine home directory; give a folder, or none",
+        ),
+        (
             ["--dataset", "synthetic", "--synthetic-train-size", "256", "--batch-size", "257"],
             "batch_size 257 is larger than the training set (256 synthetic images)",
         ),

@@ -15,7 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATALOADER, REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
+from conftest import (
+    DATALOADER,
+    REPO,
+    TINY,
+    assert_one_line_error,
+    clean_env,
+    read_manifest,
+    read_metrics,
+    run_train,
+    train_ok,
+    without_timing,
+)
 
 from repro import checkpoint_format as checkpoint
 
@@ -33,6 +44,22 @@ def test_stop_mid_epoch_with_max_steps_then_resume_latest(reference_run, tmp_pat
     assert stopped["weights_sha256"] != read_manifest(reference_run)["weights_sha256"]
     train_ok(run_dir, "--resume", "latest")
     assert_same_run(run_dir, reference_run)
+
+
+@pytest.mark.parametrize("max_steps", [5, 8])  # inside epoch 1, and at its end
+def test_the_same_max_steps_command_again_trains_nothing_and_an_earlier_one_is_refused(max_steps, tmp_path):
+    # A re-queued job script: the run is at --max-steps already; it trained on to the end.
+    run_dir = tmp_path / "run"
+    stopped = train_ok(run_dir, "--resume", "auto", "--max-steps", str(max_steps))
+    metrics = without_timing(read_metrics(run_dir))
+    again = train_ok(run_dir, "--resume", "auto", "--max-steps", str(max_steps))
+    for key in ("step", "weights_sha256", "test_accuracy", "test_loss"):
+        assert again[key] == stopped[key], key
+    assert without_timing(read_metrics(run_dir)) == metrics
+    if max_steps == 5:
+        behind = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "auto", "--max-steps", "3")
+        assert_one_line_error(behind, "--max-steps 3: the run resumed from", "is at step 5 already")
+        assert read_manifest(run_dir) == again and without_timing(read_metrics(run_dir)) == metrics
 
 
 @pytest.mark.slow  # test_example_plain.py resumes with 0 workers a run begun with 2

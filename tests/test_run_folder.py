@@ -75,12 +75,25 @@ def test_overwrite_refuses_a_run_folder_holding_anything_else(reference_run, tmp
 
 def test_a_run_folder_is_known_by_its_formats_and_entries(reference_run, tmp_path):
     from cifar.outputs import is_run_folder, unknown_entry  # here: the old code had neither
+    from repro.checkpoint_format import remove_stale_staging
 
     run_dir = copy_of(reference_run, tmp_path)
     assert unknown_entry(run_dir) is None
     (run_dir / "checkpoints" / "best.pt").write_text("mine\n")
     assert unknown_entry(run_dir) == run_dir / "checkpoints" / "best.pt"
     (run_dir / "checkpoints" / "best.pt").unlink()
+    # Names that only begin like a checkpoint's, or its staging folder's, are the user's.
+    for name in ("step-00000016.keep", "step-notes.txt", ".tmp-mine"):
+        (run_dir / "checkpoints" / name).mkdir()
+        assert unknown_entry(run_dir) == run_dir / "checkpoints" / name
+        assert remove_stale_staging(run_dir / "checkpoints") == []
+        (run_dir / "checkpoints" / name).rmdir()
+    set_aside = run_dir / "checkpoints" / "set-aside"
+    (set_aside / "step-00000020.1").mkdir(parents=True)
+    assert unknown_entry(run_dir) is None
+    (set_aside / "notes.txt").write_text("mine\n")
+    assert unknown_entry(run_dir) == set_aside / "notes.txt"
+    shutil.rmtree(set_aside)
     (run_dir / "curves.png").unlink()
     (run_dir / "curves.png").mkdir()  # a folder where a run writes a file
     assert unknown_entry(run_dir) == run_dir / "curves.png"
@@ -106,6 +119,20 @@ def test_overwrite_knows_a_run_folder_by_its_formats_and_clears_what_it_holds(re
     assert manifest["seed"] == 7
     assert not (run_dir / ".metrics.jsonl.k3j4h5g6").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000008", "step-00000016"]
+
+
+def test_an_output_path_the_system_cannot_look_up_is_refused_in_one_line(tmp_path):
+    from cifar.config import parse_config
+    from cifar.outputs import RunFolderError, check_output_dir, resolve_config
+
+    too_long = tmp_path / ("x" * 300)  # a name over 255 bytes
+    with pytest.raises(RunFolderError, match=r"^output path .*/config\.yaml: File name too long$"):
+        resolve_config(["--output-dir", str(too_long), "--resume", "latest"])
+    with pytest.raises(RunFolderError, match=r"^output path .*x: File name too long$"):
+        check_output_dir(too_long, parse_config(["--output-dir", str(too_long)]))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match=r"^output path .*/file/run: Not a directory$"):
+        check_output_dir(tmp_path / "file" / "run", parse_config([]))
 
 
 def test_overwrite_with_resume_is_a_usage_error(reference_run, tmp_path):
