@@ -298,7 +298,7 @@ def test_staging_folders_of_one_step_are_distinct_and_cleaned_without_following_
     target = tmp_path / "precious"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    link = run_dir / "checkpoints" / ".tmp-link"
+    link = run_dir / "checkpoints" / ".tmp-step-00000007-1-0badf00d"  # a staging name, but a link
     link.symlink_to(target, target_is_directory=True)
     assert checkpoint.list_checkpoints(run_dir / "checkpoints") == []
     assert checkpoint.remove_stale_staging(run_dir / "checkpoints") == sorted([first, second])
