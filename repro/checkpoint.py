@@ -134,8 +134,9 @@ class Checkpointer:
         rank_progress: Mapping[str, Any] | None = None,
         tensors: TensorGroups | None = None,
     ) -> Path:
-        """Write checkpoint ``step`` atomically, set aside those of later steps (a run that went
-        back, :func:`repro.checkpoint_format.set_aside_after`), then remove the ones beyond ``keep``.
+        """Write checkpoint ``step`` atomically, setting aside those of ``step`` and later (a run
+        that went back, :func:`repro.checkpoint_format.set_aside_from`), then remove the ones
+        beyond ``keep``.
 
         When: after an optimizer step (and the scheduler's step), on every rank. Pass the
         unwrapped model. ``batches_consumed`` is the count the sampler's ``state_dict``
@@ -177,20 +178,20 @@ class Checkpointer:
                 state["scheduler"] = scheduler.state_dict()
             extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in tensors.items()}
             try:
+                set_aside = fmt.set_aside_from(self.directory, step)
+                if set_aside:
+                    self.log(
+                        f"set aside {len(set_aside)} checkpoint(s) of step {step} and later, which this run went "
+                        f"back past, in {set_aside[0].parent}"
+                    )
                 fmt.write_main(staging, model_state, {**optimizer.state_dict(), **extra}, {**state, **progress})
             except OSError as problem:
                 error = failure(problem)
             else:
                 try:
-                    set_aside = fmt.set_aside_after(self.directory, step)
-                    if set_aside:
-                        self.log(
-                            f"set aside {len(set_aside)} checkpoint(s) of later steps, which this run went back "
-                            f"past, in {set_aside[0].parent}"
-                        )
                     fmt.prune(self.directory, self.keep, self.best_key)
                 except OSError as problem:
-                    error = f"checkpoint step {step} written, but older or later ones cannot be moved: {problem}"
+                    error = f"checkpoint step {step} written, but older ones cannot be removed: {problem}"
         _agree(None, error)
         return final
 

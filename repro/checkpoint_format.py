@@ -20,9 +20,9 @@ deletes; two writers never share one. :func:`load` checks what a folder holds
 by itself (format, version, hashes, file list) before anyone reads its content.
 
 A run that went back to an earlier step (``auto`` past damaged checkpoints, or a
-path) moves the checkpoints of later steps into ``set-aside/`` when it writes
-its first one (:func:`set_aside_after`): they are kept, but no longer count as
-the newest, nor as the best.
+path) moves the checkpoints of the course it left, the step it writes first and
+later ones, into ``set-aside/`` as it writes that step (:func:`set_aside_from`):
+they are kept, but no longer count as the newest, nor as the best.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ RESERVED_KEYS = frozenset({"format", "version", "step", "sampler", "scheduler", 
 OPTIMIZER_KEYS = frozenset({"state", "param_groups"})
 
 _FOLDER_NAME = re.compile(rf"{PREFIX}\d{{8}}")
-# What a writer killed mid-checkpoint leaves: its staging folder, or a rewritten step's old folder.
+# What a writer killed mid-checkpoint leaves: its staging folder, or (before set-aside/ existed)
+# the old folder of a step it rewrote.
 _STAGING_NAME = re.compile(rf"\.tmp-(replaced-)?{PREFIX}\d{{8}}-\d+-[0-9a-f]{{8}}")
 SET_ASIDE_DIR = "set-aside"
 _SET_ASIDE_NAME = re.compile(rf"{PREFIX}\d{{8}}(\.[1-9]\d*)?")  # a second one of a step gets .1, .2, ...
@@ -230,18 +231,10 @@ def write_main(
 
 
 def _replace(final: Path, staging: Path) -> None:
-    """Rename ``staging`` to ``final``. A folder already there (a step rewritten after an
-    earlier resume) is first renamed aside under a ``.tmp-`` name and deleted after, so a
-    kill in between leaves it for the next start to remove; a link there is removed, never
-    followed."""
+    """Rename ``staging`` to ``final``. A checkpoint of the same step was set aside before
+    (:func:`set_aside_from`); a link there is removed, never followed."""
     if final.is_symlink():
         final.unlink()
-    elif final.exists():
-        aside = final.parent / f".tmp-replaced-{staging.name.removeprefix('.tmp-')}"
-        final.rename(aside)
-        staging.rename(final)
-        shutil.rmtree(aside, ignore_errors=True)  # what is left, the next start removes
-        return
     staging.rename(final)
 
 
@@ -371,16 +364,17 @@ def _recorded(path: Path, key: str) -> float | None:
     return value if is_number(value) else None
 
 
-def set_aside_after(directory: Path, step: int) -> list[Path]:
-    """Move the checkpoints of steps after ``step`` into ``directory/set-aside/``; return
+def set_aside_from(directory: Path, step: int) -> list[Path]:
+    """Move the checkpoints of step ``step`` and later into ``directory/set-aside/``; return
     where each went.
 
-    When: after writing checkpoint ``step``, before :func:`prune`. A run that wrote
-    ``step`` went on from an earlier one, so the later checkpoints belong to a course it
-    left (``auto`` refused them, or a path named an earlier one): left in place, they
-    would count as the newest, and pruning would delete what the run writes now.
+    When: as checkpoint ``step`` is written, before it is renamed into place. A run that
+    writes ``step`` while such checkpoints exist went on from an earlier one, so they
+    belong to a course it left (``auto`` refused them, or a path named an earlier one):
+    left in place, they would count as the newest, and pruning would delete what the
+    run writes now.
     """
-    later = [path for path in list_checkpoints(directory) if int(path.name.removeprefix(PREFIX)) > step]
+    later = [path for path in list_checkpoints(directory) if int(path.name.removeprefix(PREFIX)) >= step]
     if not later:
         return []
     aside = directory / SET_ASIDE_DIR

@@ -128,12 +128,12 @@ def test_a_run_that_went_back_sets_later_checkpoints_aside_and_keeps_what_it_wri
     train_step(run)
     manager.save(3, **run, progress={"score": 0.0})
     set_aside = directory / "set-aside"
-    assert notes == [f"set aside 2 checkpoint(s) of later steps, which this run went back past, in {set_aside}"]
+    assert notes == [f"set aside 2 checkpoint(s) of step 3 and later, which this run went back past, in {set_aside}"]
     assert [path.name for path in manager.checkpoints()] == ["step-00000002", "step-00000003"]
     assert manager.restore("latest", **make_run()).step == 3
     assert sorted(path.name for path in set_aside.iterdir()) == ["step-00000004", "step-00000005"]
 
-    # Back to step 2 again, past a new step 4: what was set aside stays, the new one gets a suffix.
+    # Back to step 2 twice more: what was set aside stays, a step set aside again gets a suffix.
     manager.restore(str(directory / "step-00000002"), **run)
     for step in (3, 4):
         train_step(run)
@@ -141,5 +141,6 @@ def test_a_run_that_went_back_sets_later_checkpoints_aside_and_keeps_what_it_wri
     manager.restore(str(directory / "step-00000002"), **run)
     train_step(run)
     manager.save(3, **run, progress={"score": 0.0})
-    assert sorted(path.name for path in set_aside.iterdir()) == ["step-00000004", "step-00000004.1", "step-00000005"]
+    names = ["step-00000003", "step-00000003.1", "step-00000004", "step-00000004.1", "step-00000005"]
+    assert sorted(path.name for path in set_aside.iterdir()) == names
     assert [path.name for path in manager.checkpoints()] == ["step-00000002", "step-00000003"]
