@@ -45,7 +45,7 @@ from cifar.build import (
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
 from cifar.data import DataError, load_splits
-from cifar.outputs import MetricsLog, resolve_config, run_dir_of, write_config, write_weights
+from cifar.outputs import MetricsLog, clear_run_dir, resolve_config, run_dir_of, write_config, write_weights
 from cifar.plots import plot_curves
 from cifar.tta import tta_logits
 from repro.checkpoint import CheckpointError
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model_for(config, splits, seeds, accelerator)
     # The optimizer, its schedule and the lookahead; the model and optimizer prepared by accelerate.
     training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
+    if config.overwrite and accelerator.is_main_process:
+        clear_run_dir(run_dir)  # only now: a run refused above (its data, its batch size) deletes nothing
 
     metrics = MetricsLog(run_dir / METRICS_FILE)
     progress, loss_sum = resume(training, metrics)

@@ -181,7 +181,9 @@ def _list_folder(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         # By name: the order of the paths themselves (one folder), without pathlib's slow comparisons.
-        files = sorted((p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+        # A sub-folder is ignored, whatever its name.
+        images = (p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(images, key=lambda p: p.name)
         if not files:
             raise DataError(f"no images in class folder {class_dir} (expected {', '.join(IMAGE_SUFFIXES)} files)")
         listing += [(path, label) for path in files]

@@ -76,11 +76,12 @@ def folder_key(root: Path, classes: list[str], files: Iterable[Path]) -> str:
     Reads every file; an ``OSError`` reading one propagates to the caller, which names the file.
     """
     digest = hashlib.sha256(_decoder())
-    digest.update("\0".join(classes).encode() + b"\0\0")
+    # Names as the file system holds them: os.fsencode keeps names that are not UTF-8.
+    digest.update(b"\0".join(os.fsencode(name) for name in classes) + b"\0\0")
     depth = len(root.parts)
     for path in files:
         content = path.read_bytes()
-        name = "/".join(path.parts[depth:]).encode()  # its path under root; relative_to() is slower
+        name = os.fsencode("/".join(path.parts[depth:]))  # its path under root; relative_to() is slower
         # Lengths first: no two listings of names and bytes hash the same stream.
         digest.update(len(name).to_bytes(8, "little") + name + len(content).to_bytes(8, "little"))
         digest.update(content)

@@ -222,8 +222,8 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
 
 
 def claim_run_dir(run_dir: Path, config: TrainConfig) -> None:
-    """Make ``run_dir`` this run's folder: create it, lock it, check it, empty it on
-    ``--overwrite`` and mark it as a run folder.
+    """Make ``run_dir`` this run's folder: create it, lock it, check it and mark it as a
+    run folder. ``--overwrite`` empties it later (:func:`clear_run_dir`).
 
     When: on the main process only, before anything else is written there; the
     lock holds until the process ends. Raises :class:`RunFolderError`. A folder
@@ -239,12 +239,21 @@ def claim_run_dir(run_dir: Path, config: TrainConfig) -> None:
         raise RunFolderError(f"cannot write to run folder {run_dir}: {error.strerror}") from None
     # Again, under the lock: the run that held the folder until now may have changed it.
     check_output_dir(run_dir, config)
-    if config.overwrite:
-        for entry in sorted(run_dir.iterdir()):
-            if entry.name != LOCK_NAME:
-                _remove(entry)
     if _format_of(run_dir / MARKER_NAME) != RUN_FORMAT:
         write_json(run_dir / MARKER_NAME, {"format": RUN_FORMAT, "version": 1})
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete what ``--overwrite`` replaces: every entry of the claimed ``run_dir`` but its
+    lock and marker (:func:`claim_run_dir` checked that it holds nothing else).
+
+    When: on the main process, after every check that can refuse the run (its data, its
+    batch size, its model) and before the run writes anything there: a usage error
+    deletes nothing.
+    """
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name not in (LOCK_NAME, MARKER_NAME):
+            _remove(entry)
 
 
 def _is_bookkeeping(name: str) -> bool:

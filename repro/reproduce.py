@@ -30,6 +30,7 @@ DEFAULT_SCRIPT = Path("train.py")
 
 # The datasets for which train.py creates nothing: for CIFAR, it creates data_dir to download into.
 DATASETS_READ_IN_PLACE = frozenset({"synthetic", "imagefolder"})
+THREADS_KEY = "torch_threads"  # the environment fingerprint's: set by the script, not by reproduce
 
 
 def reproduce_run(
@@ -58,7 +59,9 @@ def reproduce_run(
     repro`` turns SIGTERM into one), and kept when it holds a finished re-run.
 
     Before the run, ``say`` receives one warning per difference between the
-    recorded environment and this one: with any, bitwise equality is not promised.
+    recorded environment and this one, and after it one for a thread count the
+    re-run recorded other than the recorded one (the script sets its own): with
+    any, bitwise equality is not promised.
 
     Returns ``SAME`` when the new ``weights_sha256`` matches the recorded one,
     ``DIFFERENT`` when it does not, ``ERROR`` when the script fails (its own
@@ -92,11 +95,13 @@ def reproduce_run(
     if chosen is not None and chosen.exists() and (not chosen.is_dir() or any(chosen.iterdir())):
         raise CommandError(f"output folder {chosen} is not empty; choose a new one")
 
+    here = environment_fingerprint(world_size, script.resolve().parent)
+    # The script sets its own thread count (train.py: its cpu_threads), not this process's:
+    # the re-run's manifest says what it ran with, checked below.
+    here[THREADS_KEY] = environment.get(THREADS_KEY)
     warnings = [
         f"warning: environment differs, bitwise equality is not promised: {difference}"
-        for difference in compare_fingerprints(
-            environment, environment_fingerprint(world_size, script.resolve().parent)
-        )
+        for difference in compare_fingerprints(environment, here)
     ]
     if world_size != 1:
         warnings.append(
@@ -125,7 +130,8 @@ def reproduce_run(
             return Report(
                 ERROR, [f"could not reproduce: {script.name} exited with status {status} (its error is above)"]
             )
-        reproduced = read_json_object(output / MANIFEST_FILE).get("weights_sha256")
+        rerun = read_json_object(output / MANIFEST_FILE)
+        reproduced = rerun.get("weights_sha256")
         keep_scratch = chosen is None
     finally:
         if keep_scratch:
@@ -133,6 +139,10 @@ def reproduce_run(
         else:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    ran_with = {THREADS_KEY: (rerun.get("environment") or {}).get(THREADS_KEY)}
+    for difference in compare_fingerprints({THREADS_KEY: environment.get(THREADS_KEY)}, ran_with):
+        warnings.append(f"warning: environment differs, bitwise equality is not promised: {difference}")
+        say(warnings[-1])
     if reproduced == recorded:
         return Report(SAME, [f"reproduced: weights_sha256 {recorded} matches", f"the new run is in {output}"])
     lines = [

@@ -60,6 +60,9 @@ def verify_command(
         traces = []
         for number in (1, 2):
             trace_dir = root / f"run-{number}"
+            for folder in (root, trace_dir):
+                if folder.exists() and not folder.is_dir():
+                    raise CommandError(f"trace folder {folder} is a file; choose a new --trace-dir")
             if trace_dir.exists() and any(trace_dir.iterdir()):
                 raise CommandError(f"trace folder {trace_dir} is not empty; choose a new --trace-dir")
             say(f"run {number} of 2, {steps} steps: {shlex.join(command)}")
@@ -77,7 +80,10 @@ def verify_command(
 
 
 def _run_traced(command: Sequence[str], trace_dir: Path, steps: int) -> subprocess.CompletedProcess:
-    trace_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot make trace folder {trace_dir}: {error.strerror}") from None
     env = {**os.environ, TRACE_DIR_VARIABLE: str(trace_dir), TRACE_STEPS_VARIABLE: str(steps)}
     try:
         return subprocess.run(

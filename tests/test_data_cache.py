@@ -42,6 +42,16 @@ def test_a_cached_folder_reads_back_what_decoding_gives(tmp_path, monkeypatch):
     assert imagefolder(str(moved), cache).source.endswith(f"read from {entries(cache)[0]}")
 
 
+def test_names_that_are_not_utf8_are_read_and_sub_folders_ignored(tmp_path):
+    folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"
+    cat = folder / "train" / "cat"
+    (cat / os.fsdecode(b"caf\xe9.png")).write_bytes((cat / "0.png").read_bytes())  # Latin-1, as old archives have
+    (cat / "extra.png").mkdir()  # a folder with an image's name: not an image
+    first = imagefolder(str(folder), cache)
+    assert first.source.endswith(f"decoded 33 images, cached in {entries(cache)[0]}")
+    assert imagefolder(str(folder), cache).source.endswith(f"read from {entries(cache)[0]}")
+
+
 @pytest.mark.parametrize("change", ["pixels", "renamed", "added"])
 def test_a_changed_folder_is_decoded_again(tmp_path, change):
     folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"

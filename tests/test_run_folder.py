@@ -121,6 +121,21 @@ def test_overwrite_knows_a_run_folder_by_its_formats_and_clears_what_it_holds(re
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000008", "step-00000016"]
 
 
+def test_overwrite_refused_by_a_later_check_deletes_nothing(reference_run, tmp_path):
+    # The folder passes its own checks; the data, read after the folder is claimed, does not.
+    run_dir = copy_of(reference_run, tmp_path)
+    before = snapshot(run_dir)
+    missing = tmp_path / "missing"
+    result = run_train(
+        *TINY, "--dataset", "imagefolder", "--data-dir", str(missing), "--output-dir", str(run_dir), "--overwrite"
+    )
+    assert_one_line_error(result, f"image folder {missing} does not exist")
+    after = snapshot(run_dir)
+    for files in (before, after):
+        files.pop(LOCK, None)  # the lock file names its holder
+    assert after == before
+
+
 def test_an_output_path_the_system_cannot_look_up_is_refused_in_one_line(tmp_path):
     from cifar.config import parse_config
     from cifar.outputs import RunFolderError, check_output_dir, resolve_config

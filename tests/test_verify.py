@@ -308,10 +308,18 @@ def reproduction(reference_run: Path, tmp_path_factory: pytest.TempPathFactory) 
     """The reproduction of the reference run: its report, and the new run folder,
     a second train.py run with the same seed and config, started from another folder than the checkout."""
     again = tmp_path_factory.mktemp("reproduce") / "again"
+    said, threads = [], torch.get_num_threads()
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_clean_env(monkeypatch)
         monkeypatch.chdir(again.parent)  # outside the checkout: it runs the script it is given
-        report = reproduce_run(reference_run / "manifest.json", again, script=TRAIN)
+        # This process's thread count differs from the recorded cpu_threads (1); the re-run's
+        # does not, so there is no difference to warn of.
+        torch.set_num_threads(2)
+        try:
+            report = reproduce_run(reference_run / "manifest.json", again, script=TRAIN, say=said.append)
+        finally:
+            torch.set_num_threads(threads)
+    assert not [line for line in said if "torch_threads" in line], said
     return report, again
 
 
@@ -340,6 +348,21 @@ def test_reproduce_refuses_a_missing_script_in_one_line(reference_run, tmp_path,
         assert captured.out == "" and captured.err == (
             f"python -m repro reproduce: error: training script {script} not found; "
             "name the run's script with --script PATH\n"
+        )
+
+
+def test_verify_refuses_a_trace_folder_that_is_a_file_in_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "run-1").write_text("")
+    for trace_dir, named in (
+        (tmp_path / "a-file", tmp_path / "a-file"),
+        (tmp_path / "traces", tmp_path / "traces" / "run-1"),
+    ):
+        assert main(["verify", "--trace-dir", str(trace_dir), "--", sys.executable, "-c", "pass"]) == ERROR
+        captured = capsys.readouterr()
+        assert captured.err == (
+            f"python -m repro verify: error: trace folder {named} is a file; choose a new --trace-dir\n"
         )
 
 
