@@ -29,6 +29,7 @@ from torch import nn
 from cifar.config import TrainConfig, UsageError, config_differences, config_to_dict
 from cifar.lookahead import Lookahead
 from cifar.outputs import MetricsLog
+from repro import checkpoint_format
 from repro.checkpoint import Checkpoint, Checkpointer, check_structure
 from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256
 from repro.fingerprint import compare_fingerprints
@@ -247,7 +248,13 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
         warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
-    if restored.rank_progress is not None:
+    if state["environment"].get("world_size", accelerator.num_processes) != accelerator.num_processes:
+        # The epoch's loss so far is the mean of the ranks' sums (finish_epoch): with another
+        # number of ranks, each starts from the old ranks' mean, so that the mean stays.
+        found = checkpoint_format.load(restored.path)
+        sums = [found.rank_state(rank)["loss_sum"] for rank in found.ranks]
+        loss_sum = torch.tensor(sum(sums) / len(sums), device=accelerator.device)
+    elif restored.rank_progress is not None:
         loss_sum = torch.tensor(restored.rank_progress["loss_sum"], device=accelerator.device)
     progress = Progress(state["epoch"], state["position"], restored.step, state["records"])
     if config.max_steps is not None and progress.step > config.max_steps:

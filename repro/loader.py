@@ -32,6 +32,7 @@ prepare only the model and optimizer, and move each batch to
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -88,6 +89,16 @@ def make_generator(seed: int, stream: str, *indices: int) -> torch.Generator:
     return generator
 
 
+def _integer(name: str, value: object) -> int:
+    """``value`` as an int (NumPy's integers too), or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
 class GlobalBatchSampler:
     """Yield this rank's share of each global batch of a seeded permutation.
 
@@ -101,8 +112,9 @@ class GlobalBatchSampler:
 
     Padding rule: with ``drop_last=True`` (the default for training) a final
     incomplete global batch is dropped. With ``drop_last=False`` it is completed
-    with the first samples of the same epoch's order, so every rank gets a full
-    slice and every sample appears at least once.
+    with the first samples of the same epoch's order (the order repeated, when a
+    batch is larger than the dataset), so every rank gets a full slice and every
+    sample appears at least once.
 
     Each element yielded is a list of ``(epoch, index)`` keys. The keys carry
     the epoch to the dataset, so persistent workers, which keep their own copy
@@ -124,6 +136,8 @@ class GlobalBatchSampler:
         shuffle: bool = True,
         drop_last: bool = True,
     ) -> None:
+        num_samples, batch_size = _integer("num_samples", num_samples), _integer("batch_size", batch_size)
+        rank, world_size = _integer("rank", rank), _integer("world_size", world_size)
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -157,6 +171,7 @@ class GlobalBatchSampler:
         Call it before iterating each epoch (forgetting it repeats epoch 0's
         order); pass ``start_batch`` to resume in the middle of an epoch.
         """
+        epoch, start_batch = _integer("epoch", epoch), _integer("start_batch", start_batch)
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         if not 0 <= start_batch <= len(self):
@@ -173,8 +188,8 @@ class GlobalBatchSampler:
             order = torch.arange(self.num_samples)
         if self.drop_last:
             return order[: len(self) * self.batch_size]
-        padding = len(self) * self.batch_size - self.num_samples
-        return torch.cat([order, order[:padding]])
+        # The order repeated as often as it takes: a batch larger than the dataset needs it more than once.
+        return order.repeat(-(-len(self) * self.batch_size // self.num_samples))[: len(self) * self.batch_size]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         _refuse_second_sharding(sys._getframe(1))

@@ -70,9 +70,10 @@ class GracefulStop:
         group: dist.ProcessGroup | None = None,
         signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
     ) -> None:
-        if not signals:
-            raise ValueError("GracefulStop needs at least one signal to catch")
-        self.signals = tuple(signal.Signals(number) for number in signals)
+        if isinstance(signals, int) or not signals:
+            raise ValueError(f"signals must be a non-empty sequence of signals, got {signals!r}")
+        # Each once: a second installation would save this object's own handler as the one to put back.
+        self.signals = tuple(dict.fromkeys(signal.Signals(number) for number in signals))
         uncatchable = [number.name for number in self.signals if number in _UNCATCHABLE]
         if uncatchable:
             raise ValueError(f"{', '.join(uncatchable)} cannot be caught; a process cannot stop gracefully on it")

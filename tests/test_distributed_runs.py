@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DATALOADER, REPO, TINY, clean_env, free_port, read_manifest, read_metrics
+from conftest import DATALOADER, REPO, TINY, clean_env, free_port, read_manifest, read_metrics, train_ok
 from test_resume import assert_same_run, wait_for_checkpoint
 from test_trackers import logged_scalars
 
@@ -77,6 +77,16 @@ def test_two_process_run_resumes_bitwise(two_process_run, tmp_path):
     launch_two_processes(run_dir, "--max-steps", "5")
     launch_two_processes(run_dir, "--resume", "latest")
     assert_same_run(run_dir, two_process_run)
+
+
+def test_resumed_on_more_processes_mid_epoch_the_epochs_loss_counts_its_first_steps(two_process_run, tmp_path):
+    # Rank 1 has no loss sum of its own in a one-process checkpoint: it counted 0, and the
+    # mean over ranks halved the first steps' share of the epoch's loss.
+    run_dir = tmp_path / "run"
+    train_ok(run_dir, "--max-steps", "4")
+    launch_two_processes(run_dir, "--resume", "latest")
+    resumed, whole = read_metrics(run_dir)[0]["train_loss"], read_metrics(two_process_run)[0]["train_loss"]
+    assert abs(resumed - whole) < 0.01, (resumed, whole)  # not bitwise: the world size changed
 
 
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_matches(two_process_run, tmp_path):

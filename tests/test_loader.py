@@ -36,6 +36,26 @@ def test_shards_are_disjoint_and_cover_the_epoch(world_size):
     assert order[num_samples:] == order[:padding]  # padded from the start of the epoch's order
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_a_batch_larger_than_the_dataset_is_padded_to_a_full_slice_on_every_rank(world_size):
+    # 3 samples, a global batch of 8: the order repeats until the batch is full.
+    per_rank = shards(3, 8, world_size)
+    assert [len(shard) for shard in per_rank] == [8 // world_size] * world_size
+    assert {i for shard in per_rank for i in shard} == {0, 1, 2}
+
+
+def test_bad_sampler_arguments_raise_value_errors():
+    for arguments, message in (((100, 32.0, 0), "batch_size must be an integer, got 32.0"),
+                               ((True, 32, 0), "num_samples must be an integer, got True")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            GlobalBatchSampler(*arguments)
+    with pytest.raises(ValueError, match="rank must be an integer, got '0'"):
+        GlobalBatchSampler(100, 32, 0, rank="0")
+    with pytest.raises(ValueError, match=r"epoch must be an integer, got 1\.5"):
+        GlobalBatchSampler(100, 32, 0).set_epoch(1.5)
+    assert len(GlobalBatchSampler(np.int64(100), 32, 0)) == 3  # NumPy's integers are integers
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_each_global_step_holds_the_same_samples_for_any_world_size(world_size):
     def steps(w):

@@ -68,3 +68,24 @@ def test_pip_install_gives_the_library_and_no_pipeline(tmp_path):
     assert installed == {"typed": True, "pipeline": [], "cifar": False, "train": False}
     fingerprint = json.loads(run(python, "-m", "repro", "env", "--json", cwd=elsewhere, env=pip_env).stdout)
     assert fingerprint["environment"]["torch"] == torch.__version__
+
+
+def test_every_package_the_library_imports_is_a_declared_dependency():
+    # The install test above borrows the dev venv's packages, so a missing declaration passes it.
+    import ast
+    import re
+    import tomllib
+
+    distributions = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "yaml": "pyyaml"}
+    imported = set()
+    for path in (REPO / "repro").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"repro", "__future__"}
+    assert third_party <= set(distributions), f"map {sorted(third_party - set(distributions))} to a distribution"
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", requirement).group().lower() for requirement in declared}
+    assert {distributions[module] for module in third_party} <= names

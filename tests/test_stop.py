@@ -57,8 +57,16 @@ def test_a_signal_in_the_block_requests_a_stop_and_the_handlers_come_back(own_ha
 def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
         GracefulStop(signals=[signal.SIGTERM, signal.SIGKILL])
-    with pytest.raises(ValueError, match="at least one signal"):
+    with pytest.raises(ValueError, match="signals must be a non-empty sequence of signals"):
         GracefulStop(signals=[])
+    with pytest.raises(ValueError, match=r"signals must be a non-empty sequence of signals, got <Signals\.SIGUSR1"):
+        GracefulStop(signals=signal.SIGUSR1)
+
+
+def test_a_signal_named_twice_is_caught_once_and_its_handler_comes_back(own_handlers):
+    with GracefulStop(signals=[signal.SIGTERM, signal.SIGTERM]) as stop:
+        assert stop.signals == (signal.SIGTERM,)
+    assert signal.getsignal(signal.SIGTERM) is own_handler
     with pytest.raises(ValueError, match="is not initialised"):
         GracefulStop(group=object())
 
