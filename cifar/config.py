@@ -314,8 +314,6 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"batch_size {short(config.batch_size)} is larger than the training set "
             f"({config.synthetic_train_size} synthetic images)"
         )
-    if not config.data_cache.strip():
-        raise ConfigError("data_cache must be auto, none or a folder, got an empty value")
     try:
         data_cache.cache_dir(config.data_cache)
     except ValueError as error:

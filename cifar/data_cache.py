@@ -49,8 +49,8 @@ def cache_dir(setting: str) -> Path | None:
     ``none`` (no cache: None), or a path. Call it where the run starts: it reads
     ``XDG_CACHE_HOME`` and the home folder of the environment then. Raises ``ValueError``
     for an empty setting or a home folder that cannot be found."""
-    if not setting:
-        raise ValueError(f"data_cache must be {AUTO!r}, {OFF!r} or a folder, got an empty string")
+    if not setting.strip():
+        raise ValueError(f"data_cache must be {AUTO}, {OFF} or a folder, got an empty value")
     if setting == OFF:
         return None
     try:

@@ -62,6 +62,7 @@ _FOLDER_NAME = re.compile(rf"{PREFIX}\d{{8}}")
 # the old folder of a step it rewrote.
 _STAGING_NAME = re.compile(rf"\.tmp-(replaced-)?{PREFIX}\d{{8}}-\d+-[0-9a-f]{{8}}")
 SET_ASIDE_DIR = "set-aside"
+_SET_ASIDE_DIR_NAME = re.compile(re.escape(SET_ASIDE_DIR))
 _SET_ASIDE_NAME = re.compile(rf"{PREFIX}\d{{8}}(\.[1-9]\d*)?")  # a second one of a step gets .1, .2, ...
 _RANK_FILE = re.compile(r"rank-(0|[1-9]\d*)\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -401,7 +402,7 @@ def unknown_entry(directory: Path) -> Path | None:
             inner = next((path for path in sorted(entry.iterdir()) if not _is_folder(path, _SET_ASIDE_NAME)), None)
             if inner is not None:
                 return inner
-        elif not _is_folder(entry, _FOLDER_NAME, _STAGING_NAME, re.compile(SET_ASIDE_DIR)):
+        elif not _is_folder(entry, _FOLDER_NAME, _STAGING_NAME, _SET_ASIDE_DIR_NAME):
             return entry
     return None
 
