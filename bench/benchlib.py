@@ -57,6 +57,8 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda_runtime": torch.version.cuda,  # what this torch was built with; None for a CPU build
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
     }
     for name in ("torchvision", "accelerate", "numpy"):
         try:

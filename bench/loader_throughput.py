@@ -8,9 +8,11 @@ the device, augmented there in batches; on the CPU here, on the GPU when CUDA
 is available). The data is a CIFAR-sized training set: 50,000 synthetic
 3x32x32 images by default, or the training images of a folder in
 ``train/<class>/*`` layout. Only loading is timed: batches are produced and
-dropped, no model runs. Each figure excludes the first batch (worker start-up
-and the first fetch, reported apart); the loaders alternate between
-repetitions, and the table gives medians.
+dropped, no model runs. Each DataLoader figure excludes the first batch
+(worker start-up and the first fetch, reported apart); the device pipeline's
+covers a whole epoch, as it augments the epoch's images at once when the epoch
+starts. The loaders alternate between repetitions, and the table gives
+medians.
 
     python bench/loader_throughput.py
     python bench/loader_throughput.py --image-folder /tmp/cifar10-jpeg
@@ -32,21 +34,32 @@ from accelerate import Accelerator
 from cifar.build import build_loaders
 from cifar.config import TrainConfig
 from cifar.data import Splits, imagefolder, synthetic
-from repro.determinism import configure_determinism
 from repro.seeds import SeedPlan
 
 
 def measure(config: TrainConfig, splits: Splits, accelerator: Accelerator, batches: int) -> dict[str, float]:
-    """Start-up seconds to the first batch, then images/s over the next ``batches``."""
+    """Start-up seconds to the first batch, then images/s: over the next ``batches`` for the
+    DataLoader, over the whole epoch for the device pipeline (its first batch queues the
+    epoch's augmentation on the device, which the later batches only slice)."""
     started = time.perf_counter()
     loader, _, _ = build_loaders(config, splits, SeedPlan(config.seed), accelerator)
+    built = time.perf_counter()
     iterator = iter(loader)
-    next(iterator)
+    _, first_labels = next(iterator)
+    synchronize(accelerator.device)
     first = time.perf_counter()
-    images = sum(len(labels) for _, labels in itertools.islice(iterator, batches))
-    if accelerator.device.type == "cuda":
-        torch.cuda.synchronize()
-    return {"first_batch_s": first - started, "images_per_s": images / (time.perf_counter() - first)}
+    if config.data_pipeline == "device":
+        images, timed_from = len(first_labels) + sum(len(labels) for _, labels in iterator), built
+    else:
+        images, timed_from = sum(len(labels) for _, labels in itertools.islice(iterator, batches)), first
+    synchronize(accelerator.device)
+    return {"first_batch_s": first - started, "images_per_s": images / (time.perf_counter() - timed_from)}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it includes that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,15 +82,18 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    info = benchlib.environment()
-    benchlib.print_environment(info)
+    base = TrainConfig(batch_size=args.batch_size, data_pipeline="dataloader")
+    # First, as train.py does: strict mode sets CUBLAS_WORKSPACE_CONFIG before CUDA starts, and the
+    # workers inherit the mode.
+    info = benchlib.start(base.determinism)
     if args.image_folder:
         splits, source = imagefolder(args.image_folder), args.image_folder
     else:
         splits, source = synthetic(args.train_size, 64), "synthetic"
-    print(f"# {len(splits.train)} training images ({source}), batch {args.batch_size}, {args.batches} timed batches")
-    base = TrainConfig(batch_size=args.batch_size, data_pipeline="dataloader")
-    configure_determinism(base.determinism)  # as train.py does first: its workers inherit the mode
+    print(
+        f"# {len(splits.train)} training images ({source}), batch {args.batch_size}, {args.batches} timed batches "
+        "(the device pipeline: an epoch)"
+    )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     configs = {}
     for name in args.workers.split(","):

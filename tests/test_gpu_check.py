@@ -1,0 +1,45 @@
+"""How bench/gpu_check.py spends a device session: it runs on a lent GPU with a fixed time
+limit, once, so a stage that fails must not take the others' figures with it, no stage
+starts after the budget, and the figures are on disk after every stage. The stages
+themselves need CUDA for their figures; their CPU smoke run is in BENCHMARKS.md, section 5."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, clean_env
+
+sys.path.insert(0, str(REPO / "bench"))  # bench/ is not a package
+import gpu_check
+
+
+def test_a_stage_that_raises_fails_alone_with_its_traceback_in_the_log(capsys):
+    report = gpu_check.Report()
+
+    def broken_stage() -> None:
+        raise KeyError("f_speedrun seed 1")
+
+    gpu_check.run_stage(report, "f", broken_stage)
+    gpu_check.run_stage(report, "c", lambda: report.add("c", "next stage", "ok"))
+
+    assert report.rows[0][:3] == ["f", "stage", "FAIL"]
+    assert "KeyError" in report.rows[0][3] and "f_speedrun seed 1" in report.rows[0][3]
+    assert report.rows[1] == ["c", "next stage", "ok", ""]
+    assert report.failed
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_no_stage_starts_after_the_budget_and_the_figures_are_written(tmp_path):
+    out = tmp_path / "check"
+    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--budget-s", "0"]
+    result = subprocess.run(
+        [*command, "--stages", "ab", str(out)], env=clean_env(), capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((out / "gpu_check.json").read_text())
+    assert [row[:3] for row in figures["rows"]] == [["a", "stage", "skipped"], ["b", "stage", "skipped"]]
+    assert "budget is spent" in figures["rows"][0][3]
+    assert set(figures["stage_s"]) == {"a", "b"}
