@@ -353,3 +353,7 @@ if __name__ == "__main__":
     except FloatingPointError as error:
         print(f"train.py: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop, or after it: the loop itself stops at a step, with a checkpoint.
+        print("train.py: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

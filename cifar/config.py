@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cifar import data_cache, tta
+from cifar.data import IMAGE_SIZE
 from cifar.models import model_names
 from repro.files import DECIMAL_FLOAT, DECIMAL_INT, RunFileError, parse_yaml_mapping
 from repro.report import short
@@ -41,6 +42,13 @@ MAX_CONFIG_BYTES = 1 << 20
 # torch accepts any positive count, but crashed (segmentation fault) on the first
 # operation at 10**6 threads; 1024 ran. More than a CPU has only slows a run down.
 MAX_CPU_THREADS = 1024
+
+# A synthetic image is 3 KB of pixels: a million of them (20 times CIFAR-10's training
+# set) take 3 GB; numpy fails with a MemoryError long before 10**12.
+MAX_SYNTHETIC_IMAGES = 10**6
+
+# Longer than any run's warm-up can be; a float near 1e308 overflowed the step count.
+MAX_WARMUP_EPOCHS = 10**6
 
 
 def _field(default: Any, help: str, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
@@ -248,7 +256,9 @@ def _parse_flag(key: str, text: str) -> Any:
     YAML reading of it (``--seed 010`` is seed 10, ``--seed 0x10`` an error).
     """
     base, _, optional = _allowed(_field_types()[key])
-    if optional and text.lower() in ("none", "null", ""):
+    # An empty value is refused (validate), not read as unset: `--output-dir "$DIR"` with DIR unset
+    # would otherwise pick the default run folder, and --overwrite would replace the run there.
+    if optional and text.lower() in ("none", "null"):
         return None
     if base is str:
         return coerce(key, text)
@@ -309,6 +319,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be positive, got {short(getattr(config, name))}")
+    for name in ("synthetic_train_size", "synthetic_test_size"):
+        if getattr(config, name) > MAX_SYNTHETIC_IMAGES:
+            raise ConfigError(f"{name} must be at most {MAX_SYNTHETIC_IMAGES}, got {short(getattr(config, name))}")
+    for name in ("output_dir", "resume", "data_dir"):
+        value = getattr(config, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"{name} is empty (an unset shell variable?); leave it out for the default")
     if config.dataset == "synthetic" and config.batch_size > config.synthetic_train_size:
         raise ConfigError(
             f"batch_size {short(config.batch_size)} is larger than the training set "
@@ -335,6 +352,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"grad_accum_steps must be positive, got {short(config.grad_accum_steps)}")
     if config.lr <= 0 or config.warmup_epochs < 0 or config.weight_decay < 0:
         raise ConfigError("lr must be positive; warmup_epochs and weight_decay must not be negative")
+    if config.warmup_epochs > MAX_WARMUP_EPOCHS:
+        raise ConfigError(f"warmup_epochs must be at most {MAX_WARMUP_EPOCHS}, got {config.warmup_epochs}")
     if config.crop_padding < 0 or config.whiten_bias_epochs < 0 or config.lookahead_every < 0:
         raise ConfigError("crop_padding, whiten_bias_epochs and lookahead_every must not be negative")
     if not 0 <= config.tta_level <= tta.MAX_LEVEL:
@@ -346,8 +365,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"norm_bias_lr_scale must be positive, got {config.norm_bias_lr_scale}")
     if config.flip == "alternating" and config.data_pipeline != "device":
         raise ConfigError("flip: alternating needs data_pipeline: device (the DataLoader's transforms see no epoch)")
-    if config.padding_mode == "reflect" and config.crop_padding >= 32:
-        raise ConfigError(f"reflect padding must be under the 32-pixel image side, got {config.crop_padding}")
+    # More padding than the image side crops pure padding (and reflect padding cannot reach that far).
+    if config.crop_padding >= IMAGE_SIZE:
+        raise ConfigError(
+            f"crop_padding must be under the {IMAGE_SIZE}-pixel image side, got {short(config.crop_padding)}"
+        )
     return config
 
 

@@ -3,8 +3,11 @@ or, where it is a setting that changes the result, recorded and independent of t
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +89,16 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
             ["--dataset", "synthetic", "--synthetic-train-size", "256", "--batch-size", "257"],
             "batch_size 257 is larger than the training set (256 synthetic images)",
         ),
+        (["--warmup-epochs", "1e308"], "warmup_epochs must be at most 1000000, got 1e+308"),
+        (["--crop-padding", "32"], "crop_padding must be under the 32-pixel image side, got 32"),
+        (["--crop-padding", "1000000000"], "crop_padding must be under the 32-pixel image side, got 1000000000"),
+        (
+            ["--synthetic-train-size", "1000000000000"],
+            "synthetic_train_size must be at most 1000000, got 1000000000000",
+        ),
+        (["--output-dir", ""], "output_dir is empty (an unset shell variable?); leave it out for the default"),
+        (["--resume", " "], "resume is empty (an unset shell variable?); leave it out for the default"),
+        (["--data-dir", ""], "data_dir is empty (an unset shell variable?); leave it out for the default"),
     ],
 )
 def test_settings_out_of_range_are_refused(args, message):
@@ -106,6 +119,19 @@ def test_nan_flag_exits_2_with_one_line(tmp_path):
     result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), "--warmup-epochs", ".nan")
     assert_one_line_error(result, "'warmup_epochs' must be float (in plain decimal), got '.nan'")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_output_dir_with_overwrite_keeps_the_default_run(tmp_path):
+    # `--output-dir "$OUT"` with OUT unset: it once meant the default folder, which --overwrite replaced.
+    default_run = tmp_path / "runs" / "synthetic-small_cnn-seed2333"
+    default_run.mkdir(parents=True)
+    (default_run / "model.safetensors").write_bytes(b"the earlier run's weights")
+    command = [sys.executable, str(REPO / "train.py"), *TINY, "--output-dir", "", "--overwrite"]
+    result = subprocess.run(command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=240)
+    assert_one_line_error(result, "output_dir is empty (an unset shell variable?); leave it out for the default")
+    assert (default_run / "model.safetensors").read_bytes() == b"the earlier run's weights"
+    with pytest.raises(ConfigError, match=re.escape("output_dir is empty (an unset shell variable?)")):
+        parse_config(["--config", write_config(tmp_path, "output_dir: ''\n")])
 
 
 def test_batch_larger_than_an_image_folder_exits_2_with_one_line(tmp_path):
@@ -238,3 +264,27 @@ def test_python_and_accelerate_launch_give_the_same_weights(tmp_path):
     assert direct["weights_sha256"] == accelerated["weights_sha256"]
     for manifest in (direct, accelerated):
         assert manifest["config"]["cpu_threads"] == manifest["environment"]["torch_threads"] == 1
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path):
+    # The config is a FIFO: train.py blocks reading it, inside main(), until Ctrl-C comes.
+    config = tmp_path / "config.yaml"
+    os.mkfifo(config)
+    run_dir = tmp_path / "r"
+    command = [sys.executable, str(REPO / "train.py"), "--config", str(config), *TINY, "--output-dir", str(run_dir)]
+    process = subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:  # succeeds once train.py has the FIFO open for reading, after its imports
+            writer = os.open(config, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as error:
+            assert error.errno == errno.ENXIO and time.monotonic() < deadline, error
+            time.sleep(0.05)
+    try:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        os.close(writer)
+    assert (process.returncode, stderr.strip()) == (130, "train.py: interrupted")
+    assert not run_dir.exists()
