@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATALOADER, REPO, TINY, clean_env, free_port, read_manifest, train_ok
+from conftest import DATALOADER, REPO, TINY, clean_env, free_port, make_folder, read_manifest, train_ok
 
 from repro.__main__ import main
 from repro.augment import SeededAugmentation
@@ -329,6 +330,24 @@ def test_reproduce_matches_the_recorded_weights(reference_run, reproduction):
     assert report.status == SAME, report.lines
     assert report.lines[0] == f"reproduced: weights_sha256 {expected} matches"
     assert read_manifest(again)["weights_sha256"] == expected
+
+
+def test_reproduce_reports_changed_test_data_that_leaves_the_weights_alone(tmp_path, child_env):
+    folder = make_folder(tmp_path / "images", per_class=16)  # 32 training images: one batch of TINY's
+    run = tmp_path / "run"
+    recorded = train_ok(run, "--dataset", "imagefolder", "--data-dir", str(folder))
+    for name in ("0.png", "1.png"):  # two test dogs become cats: the training set, and so the weights, stay
+        shutil.copyfile(folder / "test" / "cat" / name, folder / "test" / "dog" / name)
+    report = reproduce_run(run, tmp_path / "again", script=TRAIN)
+    text = "\n".join(report.lines)
+    assert report.status == DIFFERENT, text
+    assert report.lines[0] == (
+        f"not reproduced: the weights match (weights_sha256 {recorded['weights_sha256']}), "
+        "but not the recorded results:"
+    )
+    assert f"  dataset_sha256: recorded {recorded['dataset_sha256']!r}, reproduced " in text
+    assert f"  test_loss: recorded {recorded['test_loss']!r}, reproduced " in text
+    assert "the data is not the recorded run's" in text
 
 
 def test_compare_finds_two_runs_of_one_seed_identical(reference_run, reproduction):
