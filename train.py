@@ -56,7 +56,7 @@ from repro.manifest import CURVES_FILE, METRICS_FILE, WEIGHTS_FILE, write_manife
 from repro.seeding import seed_everything
 from repro.seeds import SeedPlan
 from repro.stop import GracefulStop
-from repro.trace import StepTracer
+from repro.trace import StepTracer, TraceSettingError
 from repro.weights import state_dict_sha256
 
 REPO = Path(__file__).resolve().parent  # its git state goes into the environment fingerprint
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(config.cpu_threads)
     tracer = StepTracer.from_environment(get_rank())
     if tracer is not None:  # under `python -m repro verify`: a short run in the verifier's folder
+        if get_rank() == 0:
+            print(tracer.takeover_note(), file=sys.stderr)
         config = replace(config, output_dir=str(tracer.run_dir), max_steps=tracer.steps, overwrite=True, resume=None)
     determinism = configure_determinism(config.determinism)
 
@@ -163,6 +165,8 @@ def train(
         if progress.position:
             result = finish_epoch(training, test_batches, metrics, progress, loss_sum, step_log, clock)
         return result, None
+    if tracer is not None:  # a traced run starts fresh: its initial weights, before step 1
+        tracer.record_start(unwrapped)
     stopped_by = None
     for images, labels in remaining_batches(train_batches, training, progress):
         loss = training_step(model, images, labels, criterion, config, accelerator)
@@ -347,7 +351,7 @@ def save(
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, UsageError, CheckpointError) as error:
+    except (ConfigError, DataError, UsageError, CheckpointError, TraceSettingError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:

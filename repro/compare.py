@@ -17,7 +17,7 @@ from typing import Any
 
 from repro.files import read_metrics, read_safetensors, read_yaml_mapping
 from repro.fingerprint import compare_fingerprints
-from repro.manifest import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_manifest, result_neutral_keys
+from repro.manifest import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, WEIGHTS_FILE, read_manifest, result_neutral_keys
 from repro.report import DIFFERENT, SAME, CommandError, Report, same_number
 
 # How many differences of one section a report lists before "... and N more".
@@ -44,9 +44,10 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
 
     Compared: the manifests (without timing fields), the environment
     fingerprints, ``config.yaml``, ``metrics.jsonl`` line by line (without
-    timing fields, whose names end in ``_s``), and the final weights
-    (``weights_sha256``; when it differs, the tensors of ``model.safetensors``
-    that differ and by how much at most).
+    timing fields, whose names end in ``_s``), and the final weights: the
+    manifests' ``weights_sha256`` and the tensors of the ``model.safetensors``
+    files, which are always read (the tensors that differ and by how much at
+    most; a digest that says otherwise than the files is reported as such).
 
     Config keys that both manifests list in ``result_neutral_keys`` may differ:
     when nothing else does, the report is ``SAME`` and names them. A manifest
@@ -56,7 +57,8 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
     Raises:
         CommandError: a folder, or its manifest, config or metrics, is missing, unreadable
             or malformed (not UTF-8, not valid JSON or YAML, past the bounds of
-            :mod:`repro.files`); or a ``model.safetensors`` that has to be read is a link or not one.
+            :mod:`repro.files`); a manifest records no ``weights_sha256``; or a ``model.safetensors``
+            is missing, a link or not one.
     """
     a, b = _load_run(Path(run_a)), _load_run(Path(run_b))
     neutral = result_neutral_keys(a.manifest) & result_neutral_keys(b.manifest)
@@ -140,15 +142,15 @@ def _metrics_differences(first: list[dict], second: list[dict]) -> list[str]:
 
 
 def _weight_differences(a: _Run, b: _Run) -> list[str]:
-    digest_a, digest_b = a.manifest.get("weights_sha256"), b.manifest.get("weights_sha256")
-    if digest_a == digest_b:
-        return []
-    lines = [f"weights_sha256: {digest_a} -> {digest_b}"]
-    files = [a.folder / WEIGHTS_FILE, b.folder / WEIGHTS_FILE]
-    missing = [str(path) for path in files if not os.path.lexists(path)]
-    if missing:
-        return [*lines, f"no tensor-by-tensor comparison: {', '.join(missing)} not found"]
-    tensors_a, tensors_b = read_safetensors(files[0]), read_safetensors(files[1])
+    """How the final weights differ: the manifests' ``weights_sha256`` and, tensor by tensor, the two
+    ``model.safetensors``, always read: a manifest's digest alone cannot tell an edited or swapped file.
+
+    The digest hashes the model's ``state_dict`` order, which safetensors does not keep, so a file
+    cannot be checked against its own manifest; the two files are checked against each other, and
+    a verdict of the files that disagrees with the manifests' is reported as such.
+    """
+    digests = [_recorded_digest(run) for run in (a, b)]
+    tensors_a, tensors_b = (_read_weights(run) for run in (a, b))
     names = [*tensors_a, *(name for name in tensors_b if name not in tensors_a)]
     differing = []
     for name in names:
@@ -161,11 +163,42 @@ def _weight_differences(a: _Run, b: _Run) -> list[str]:
         elif not ta.equal(tb):
             largest = (ta.double() - tb.double()).abs().max().item()
             differing.append(f"{name}: max abs difference {largest:.3g}")
+    if digests[0] == digests[1]:
+        if not differing:
+            return []
+        lines = [
+            f"weights_sha256: {digests[0]} in both manifests, but the {WEIGHTS_FILE} files differ: "
+            "a weights file does not match its manifest"
+        ]
+    else:
+        lines = [f"weights_sha256: {digests[0]} -> {digests[1]}"]
+        if not differing:
+            return [
+                *lines,
+                f"but the tensors of the {WEIGHTS_FILE} files are identical: "
+                "a manifest's weights_sha256 does not match its weights file",
+            ]
     return [
         *lines,
         f"{len(differing)} of {len(names)} tensors of {WEIGHTS_FILE} differ:",
         *("  " + line for line in differing),
     ]
+
+
+def _recorded_digest(run: _Run) -> str:
+    digest = run.manifest.get("weights_sha256")
+    if not isinstance(digest, str):
+        raise CommandError(
+            f"{run.folder / MANIFEST_FILE} records no weights_sha256 (is the run finished?): cannot compare the weights"
+        )
+    return digest
+
+
+def _read_weights(run: _Run) -> dict[str, Any]:
+    path = run.folder / WEIGHTS_FILE
+    if not os.path.lexists(path):
+        raise CommandError(f"{path} not found: cannot compare the weights")
+    return read_safetensors(path)
 
 
 def _limit(lines: list[str], what: str) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 from repro.files import read_json_object, read_yaml_mapping
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.manifest import CONFIG_FILE, MANIFEST_FILE, read_manifest
-from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report, silent
+from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report, same_number, short, silent
 from repro.trace import TRACE_DIR_VARIABLE, TRACE_STEPS_VARIABLE
 
 # The training script reproduce runs when none is named: this project's, from its checkout.
@@ -31,6 +31,9 @@ DEFAULT_SCRIPT = Path("train.py")
 # The datasets for which train.py creates nothing: for CIFAR, it creates data_dir to download into.
 DATASETS_READ_IN_PLACE = frozenset({"synthetic", "imagefolder"})
 THREADS_KEY = "torch_threads"  # the environment fingerprint's: set by the script, not by reproduce
+# The manifest fields, besides weights_sha256, that a faithful re-run records the same: the data it
+# trained and was tested on, how far it trained, and its results. Checked when the recorded manifest has them.
+RESULT_FIELDS = ("dataset_sha256", "step", "test_accuracy", "test_loss", "test_images")
 
 
 def reproduce_run(
@@ -63,9 +66,11 @@ def reproduce_run(
     re-run recorded other than the recorded one (the script sets its own): with
     any, bitwise equality is not promised.
 
-    Returns ``SAME`` when the new ``weights_sha256`` matches the recorded one,
-    ``DIFFERENT`` when it does not, ``ERROR`` when the script fails (its own
-    error is printed above the report).
+    Returns ``SAME`` when the new ``weights_sha256`` matches the recorded one
+    and so does each of ``RESULT_FIELDS`` the manifest records (the dataset's
+    SHA-256, the step count, the test results: the same weights on changed
+    test data are not the same result), ``DIFFERENT`` naming each that does
+    not, ``ERROR`` when the script fails (its own error is printed above the report).
 
     Raises:
         CommandError: the manifest is missing or malformed, the script does not
@@ -143,17 +148,27 @@ def reproduce_run(
     for difference in compare_fingerprints({THREADS_KEY: environment.get(THREADS_KEY)}, ran_with):
         warnings.append(f"warning: environment differs, bitwise equality is not promised: {difference}")
         say(warnings[-1])
-    if reproduced == recorded:
+    differing = [key for key in RESULT_FIELDS if key in manifest and not same_number(manifest[key], rerun.get(key))]
+    if reproduced == recorded and not differing:
         return Report(SAME, [f"reproduced: weights_sha256 {recorded} matches", f"the new run is in {output}"])
-    lines = [
-        "not reproduced: the weights differ",
-        f"  recorded    {recorded}",
-        f"  reproduced  {reproduced}",
-        f"see what differs with: python -m repro compare {shlex.quote(str(path.parent))} {shlex.quote(str(output))}",
-    ]
+    if reproduced == recorded:
+        lines = [f"not reproduced: the weights match (weights_sha256 {recorded}), but not the recorded results:"]
+    else:
+        lines = ["not reproduced: the weights differ", f"  recorded    {recorded}", f"  reproduced  {reproduced}"]
+    lines += [f"  {key}: recorded {_show(manifest[key])}, reproduced {_show(rerun.get(key))}" for key in differing]
+    if "dataset_sha256" in differing:
+        lines.append("the data is not the recorded run's: it changed since the run, or this is another dataset")
+    lines.append(
+        f"see what differs with: python -m repro compare {shlex.quote(str(path.parent))} {shlex.quote(str(output))}"
+    )
     if warnings:
         lines.append("the environment differs too (see the warnings above)")
     return Report(DIFFERENT, lines)
+
+
+def _show(value: Any) -> str:
+    """A recorded value for a report line: a digest whole, anything long (a manifest may come from anyone) cut."""
+    return repr(value) if isinstance(value, str) and len(value) <= 100 else short(value)
 
 
 def _check_data_dir(config: Mapping[str, Any], path: Path) -> None:

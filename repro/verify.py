@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.files import RunFileError, read_metrics
-from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report, same_number, silent
+from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report, same_number, short, silent
 from repro.trace import TRACE_DIR_VARIABLE, TRACE_STEPS_VARIABLE
 
 # How many differing tensors a report lists before "... and N more", and how many lines of a failed run's output.
@@ -48,15 +48,22 @@ def verify_command(
     ``torchrun``.
 
     Returns a ``SAME`` report ("bitwise reproducible over N steps"), a
-    ``DIFFERENT`` one naming the first step and tensors that differ, or an
-    ``ERROR`` one with the exit status and the last lines of a run that failed.
+    ``DIFFERENT`` one naming the first step and tensors that differ ("the
+    initial state" when the traces hold it and it differs), or an ``ERROR`` one
+    with the exit status and the last lines of a run that failed. When the
+    second run fails, what it traced before is compared with the first run's
+    trace: a difference there (a run that diverged, then failed) makes the
+    report ``DIFFERENT``, with the failure after it.
+
+    A relative ``trace_root`` is taken from the current folder, so that it
+    names the same folder for a command that changes folder.
     """
     if not command:
         raise ValueError("verify needs a command to run")
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
     with tempfile.TemporaryDirectory(prefix="repro-verify-") as scratch:
-        root = Path(scratch) if trace_root is None else Path(trace_root)
+        root = (Path(scratch) if trace_root is None else Path(trace_root)).absolute()
         traces = []
         for number in (1, 2):
             trace_dir = root / f"run-{number}"
@@ -68,15 +75,38 @@ def verify_command(
             say(f"run {number} of 2, {steps} steps: {shlex.join(command)}")
             result = _run_traced(command, trace_dir, steps)
             if result.returncode != 0:
+                tail = ["  " + line for line in _tail(result.stdout)]
+                if number == 2:
+                    return _report_failed_second_run(traces[0], trace_dir, result.returncode, tail)
                 return Report(
-                    ERROR,
-                    [
-                        f"run {number} failed with exit status {result.returncode}; the end of its output:",
-                        *("  " + line for line in _tail(result.stdout)),
-                    ],
+                    ERROR, [f"run 1 failed with exit status {result.returncode}; the end of its output:", *tail]
                 )
             traces.append(read_trace(trace_dir))
         return compare_traces(traces[0], traces[1], steps)
+
+
+def _report_failed_second_run(first: dict[int, list[dict]], trace_dir: Path, status: int, tail: list[str]) -> Report:
+    """Run 2 failed after run 1 succeeded: compare what run 2 traced before it failed with the same
+    steps of run 1, so that a run that diverged and then failed (a loss gone to NaN) shows where it
+    diverged; ``DIFFERENT`` when it did, ``ERROR`` when the steps it traced match."""
+    try:
+        second = read_trace(trace_dir)
+    except CommandError:
+        second = {}  # a run killed while it wrote leaves a broken last line: its failure is the report
+    common = {rank: min(len(first[rank]), len(records)) for rank, records in second.items() if rank in first}
+    difference = _first_difference(
+        {rank: first[rank][:length] for rank, length in common.items()},
+        {rank: second[rank][:length] for rank, length in common.items()},
+    )
+    if difference is not None:
+        return Report(
+            DIFFERENT, [*difference, f"run 2 then failed with exit status {status}; the end of its output:", *tail]
+        )
+    lines = [f"run 2 failed with exit status {status}; the end of its output:", *tail]
+    traced = max(common.values(), default=0)
+    if traced:
+        lines.append(f"what run 2 traced before it failed ({traced} records) matches run 1's trace")
+    return Report(ERROR, lines)
 
 
 def _run_traced(command: Sequence[str], trace_dir: Path, steps: int) -> subprocess.CompletedProcess:
@@ -100,17 +130,50 @@ def _tail(output: str) -> list[str]:
 
 
 def read_trace(directory: Path) -> dict[int, list[dict[str, Any]]]:
-    """Read the ``rank-R.jsonl`` files of one traced run: ``{rank: [one record per step]}``."""
+    """Read the ``rank-R.jsonl`` files of one traced run: ``{rank: [one record per step]}``.
+
+    Raises:
+        CommandError: a file is not JSON lines, or a record is not what
+            :class:`repro.trace.StepTracer` writes (see :func:`_check_record`).
+    """
     trace: dict[int, list[dict[str, Any]]] = {}
     for path in directory.glob("rank-*.jsonl"):
         match = re.fullmatch(r"rank-(\d+)\.jsonl", path.name)
         if match is None:
             continue
         try:
-            trace[int(match[1])] = read_metrics(path)
+            records = read_metrics(path)
         except RunFileError as error:
             raise CommandError(f"not a valid trace: {error}") from None
+        for number, record in enumerate(records, start=1):
+            problem = _check_record(record)
+            if problem:
+                raise CommandError(f"not a valid trace: {path}, record {number}: {problem}")
+        trace[int(match[1])] = records
     return dict(sorted(trace.items()))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_record(record: dict[str, Any]) -> str | None:
+    """What is wrong with one trace record, or ``None``: a ``step`` (an integer from 0), a ``loss``
+    (a number, or null at step 0), ``tensors`` (name: digest) and ``stats`` ([sum, norm] for each
+    tensor). A command may write its own trace: the comparison must not trip on one."""
+    step, loss, tensors, stats = (record.get(key) for key in ("step", "loss", "tensors", "stats"))
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"'step' must be an integer from 0, got {short(step)}"
+    if not (_is_number(loss) or loss is None):
+        return f"'loss' must be a number or null, got {short(loss)}"
+    if not isinstance(tensors, dict) or not all(isinstance(digest, str) for digest in tensors.values()):
+        return "'tensors' must map each tensor name to its digest"
+    if not isinstance(stats, dict) or not all(
+        isinstance(stats.get(name), list) and len(stats[name]) == 2 and all(map(_is_number, stats[name]))
+        for name in tensors
+    ):
+        return "'stats' must map each tensor name to [sum, norm], two numbers"
+    return None
 
 
 def compare_traces(first: dict[int, list[dict]], second: dict[int, list[dict]], steps: int) -> Report:
@@ -131,24 +194,35 @@ def compare_traces(first: dict[int, list[dict]], second: dict[int, list[dict]], 
     if set(first) != set(second):
         raise CommandError(f"the runs traced different ranks: {sorted(first)} and {sorted(second)}")
 
-    first_difference = {
-        rank: index for rank in first if (index := _first_differing_record(first[rank], second[rank])) is not None
-    }
-    if not first_difference:
-        traced = len(first[min(first)])
+    difference = _first_difference(first, second)
+    if difference is None:
+        traced = sum(1 for record in first[min(first)] if record["step"] > 0)  # step 0: the initial state
         ranks = f"{len(first)} ranks" if len(first) > 1 else "1 rank"
         lines = [f"bitwise reproducible over {traced} steps ({ranks}; every parameter and buffer after every step)"]
         if traced < steps:
             lines.append(f"note: the command stopped after {traced} of the {steps} steps asked for")
         return Report(SAME, lines)
+    return Report(DIFFERENT, difference)
 
+
+def _first_difference(first: dict[int, list[dict]], second: dict[int, list[dict]]) -> list[str] | None:
+    """The lines naming the first record at which two traces of the same ranks differ, and how
+    on each rank that differs there; ``None`` when none does."""
+    first_difference = {
+        rank: index for rank in first if (index := _first_differing_record(first[rank], second[rank])) is not None
+    }
+    if not first_difference:
+        return None
     index = min(first_difference.values())
     ranks = [rank for rank, at in first_difference.items() if at == index]
     step = _step_label(first[ranks[0]], second[ranks[0]], index)
-    lines = [f"not reproducible: the runs first differ at step {step} (identical before it)"]
+    if step == 0:
+        lines = ["not reproducible: the initial state differs (before step 1)"]
+    else:
+        lines = [f"not reproducible: the runs first differ at step {step} (identical before it)"]
     for rank in ranks:
         lines += _describe_difference(rank, first[rank], second[rank], index)
-    return Report(DIFFERENT, lines)
+    return lines
 
 
 def _first_differing_record(first: list[dict], second: list[dict]) -> int | None:
@@ -175,7 +249,8 @@ def _describe_difference(rank: int, first: list[dict], second: list[dict], index
         lines.append(f"  rank {rank}: step numbers differ: {a.get('step')} vs {b.get('step')}")
     loss_a, loss_b = a.get("loss"), b.get("loss")
     if same_number(loss_a, loss_b):
-        lines.append(f"  rank {rank}: loss identical ({loss_a})")
+        if loss_a is not None:  # None: the initial state, before any step
+            lines.append(f"  rank {rank}: loss identical ({loss_a})")
     else:
         lines.append(f"  rank {rank}: loss {loss_a!r} vs {loss_b!r} (difference {_difference(loss_a, loss_b)})")
     tensors_a, tensors_b = a.get("tensors", {}), b.get("tensors", {})

@@ -18,8 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO, clean_env, make_folder, read_manifest
+from safetensors.torch import load_file, save_file
 
 from repro.__main__ import main
+from repro.compare import compare_runs
+from repro.report import DIFFERENT
 
 RUN_FILES = ("manifest.json", "config.yaml", "metrics.jsonl", "model.safetensors")
 
@@ -45,6 +48,12 @@ def other_weights(run: Path, content: bytes) -> Path:
     (run / "model.safetensors").unlink()
     (run / "model.safetensors").write_bytes(content)
     return run / "model.safetensors"
+
+
+def without_weights_digest(run: Path) -> None:
+    manifest = read_manifest(run)
+    del manifest["weights_sha256"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
 
 
 def weights_linked_to_dev_zero(run: Path) -> None:
@@ -110,6 +119,16 @@ BROKEN_RUNS: dict[str, tuple[Callable[[Path], object], str, str]] = {
         "model.safetensors",
     ),
     "weights-symlink": (weights_linked_to_dev_zero, "is a symbolic link", "model.safetensors"),
+    "weights-missing": (
+        lambda run: (run / "model.safetensors").unlink(),
+        "model.safetensors not found: cannot compare the weights",
+        "model.safetensors",
+    ),
+    "manifest-without-weights-digest": (
+        lambda run: without_weights_digest(run),
+        "records no weights_sha256 (is the run finished?): cannot compare the weights",
+        "manifest.json",
+    ),
     "manifest-not-utf8": (
         lambda run: (run / "manifest.json").write_bytes(b'{"seed": "\xff\xfe"}'),
         "is not UTF-8 text",
@@ -160,6 +179,26 @@ def test_compare_refuses_a_malformed_run_in_one_line(reference_run, tmp_path, ca
     assert captured.err.count("\n") == 1, captured.err[-2000:]
     assert captured.err.startswith(f"python -m repro compare: error: {run_b / named}")
     assert message in captured.err
+
+
+def test_compare_reads_the_weights_files_whatever_the_manifests_say(reference_run, tmp_path):
+    run_a, run_b = copy_run(reference_run, tmp_path / "a"), copy_run(reference_run, tmp_path / "b")
+    weights = load_file(run_b / "model.safetensors")
+    first = next(name for name, tensor in weights.items() if tensor.is_floating_point())
+    weights[first] = weights[first] + 0.5
+    save_file(weights, run_b / "model.safetensors")
+    report = compare_runs(run_a, run_b)  # the manifests record the same weights_sha256
+    assert report.status == DIFFERENT, report.lines
+    assert report.lines[0].startswith("runs differ in: weights  ")
+    assert "a weights file does not match its manifest" in report.lines[2]
+    assert f"    {first}: max abs difference 0.5" in report.lines
+
+    shutil.copyfile(run_a / "model.safetensors", run_b / "model.safetensors")
+    edit_manifest(run_b, weights_sha256="0" * 64)  # now the files agree and the manifests do not
+    report = compare_runs(run_a, run_b)
+    assert report.status == DIFFERENT, report.lines
+    assert report.lines[2].endswith(" -> " + "0" * 64)
+    assert "a manifest's weights_sha256 does not match its weights file" in report.lines[3]
 
 
 def manifest_with(reference_run: Path, path: Path, **changes: object) -> Path:

@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATALOADER, REPO, TINY, clean_env, free_port, read_manifest, train_ok
+from conftest import (
+    DATALOADER,
+    REPO,
+    TINY,
+    assert_one_line_error,
+    clean_env,
+    free_port,
+    make_folder,
+    read_manifest,
+    run_train,
+    train_ok,
+)
 
 from repro.__main__ import main
 from repro.augment import SeededAugmentation
@@ -20,6 +32,7 @@ from repro.loader import GlobalBatchSampler
 from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report
 from repro.reproduce import reproduce_run
 from repro.seeds import SeedPlan
+from repro.trace import StepTracer, TraceSettingError
 from repro.verify import read_trace, verify_command
 
 BIN = Path(sys.executable).parent
@@ -68,12 +81,45 @@ def ignore_git_moves(run_a: Path, run_b: Path) -> None:
 # --------------------------------------------------------------------------- verify
 
 
-def test_verify_finds_train_py_bitwise_reproducible(child_env, capsys):
+def test_verify_finds_train_py_bitwise_reproducible(tmp_path, child_env, capsys):
     # The command line's own main(), in this process: the two training runs are real subprocesses.
-    status = main(["verify", "--steps", "4", "--", sys.executable, TRAIN, *TINY])
+    status = main(["verify", "--steps", "4", "--trace-dir", str(tmp_path), "--", sys.executable, TRAIN, *TINY])
     stdout = capsys.readouterr().out
     assert status == 0, stdout
     assert "bitwise reproducible over 4 steps" in stdout
+    # train.py traces its initial state too, as step 0: initial weights that differ are named as such.
+    assert [record["step"] for record in read_trace(tmp_path / "run-1")[0]] == [0, 1, 2, 3, 4]
+
+
+def test_train_py_announces_a_trace_request_that_takes_over_its_run(tmp_path):
+    traces, mine = tmp_path / "traces", tmp_path / "mine"
+    env = clean_env(REPRO_TRACE_DIR=str(traces), REPRO_TRACE_STEPS="1")  # as if left exported in a shell
+    result = run_train(*TINY, "--output-dir", str(mine), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    note = (
+        "note: REPRO_TRACE_DIR is set (python -m repro verify): this run traces at most 1 steps into "
+        f"{traces / 'run'}, not its configured output folder; unset REPRO_TRACE_DIR to train it"
+    )
+    assert note in result.stderr.splitlines()
+    assert read_manifest(traces / "run")["step"] == 1 and not mine.exists()
+
+
+@pytest.mark.parametrize("steps", ["abc", "0", "-3", "file"])
+def test_a_trace_setting_that_cannot_be_used_is_refused_in_one_line(tmp_path, monkeypatch, steps):
+    (tmp_path / "a-file").write_text("")
+    directory = tmp_path / "a-file" if steps == "file" else tmp_path / "traces"
+    monkeypatch.setenv("REPRO_TRACE_DIR", str(directory))
+    monkeypatch.setenv("REPRO_TRACE_STEPS", "2" if steps == "file" else steps)
+    expected = (
+        f"REPRO_TRACE_DIR={directory}: cannot write the trace there: File exists"
+        if steps == "file"
+        else "REPRO_TRACE_STEPS must be a positive integer, got " + (repr(steps) if steps == "abc" else steps)
+    )
+    with pytest.raises(TraceSettingError) as raised:
+        StepTracer.from_environment(0)
+    assert str(raised.value) == expected
+    if steps == "abc":  # and train.py turns it into its one-line usage error
+        assert_one_line_error(run_train(*TINY, env=clean_env(REPRO_TRACE_DIR=str(directory))), expected)
 
 
 NOISY_TRAINING = """
@@ -90,6 +136,7 @@ model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 inputs, targets = torch.randn(32, 8), torch.randint(0, 3, (32,))
 unseeded = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+tracer.record_start(model)
 for step in range(1, tracer.steps + 1):
     noise = torch.randn(inputs.shape, generator=unseeded) * 0.01
     # The injected nondeterminism: from step 3 on, noise no seed controls.
@@ -110,6 +157,102 @@ def test_verify_names_the_step_and_tensor_where_an_unseeded_draw_enters(tmp_path
     assert "first differ at step 3" in text
     assert "0.weight: sum differs by" in text  # the first tensor in state_dict order
     assert "rank 0: loss" in text
+
+
+# A loop that goes wrong as asked by its argument: "unseeded-init" draws its initial weights from no
+# seed; "diverge-then-fail" blows up the second run's loss from step 3 and stops it at step 4.
+MISBEHAVING_TRAINING = """
+import os
+import sys
+
+import torch
+from torch import nn
+
+from repro.trace import StepTracer
+
+mode = sys.argv[1]
+tracer = StepTracer.from_environment(0)
+second_run = os.environ["REPRO_TRACE_DIR"].endswith("run-2")
+torch.manual_seed(int.from_bytes(os.urandom(4), "little") if mode == "unseeded-init" else 0)
+model = nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+inputs = torch.ones(8, 4)
+tracer.record_start(model)
+for step in range(1, tracer.steps + 1):
+    loss = model(inputs).pow(2).mean()
+    if mode == "diverge-then-fail" and second_run and step >= 3:
+        loss = loss * 1000
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    tracer.record(step, loss.item(), model)
+    if mode == "diverge-then-fail" and second_run and step == 4:
+        sys.exit("loss diverged")
+"""
+
+
+def test_verify_names_initial_weights_that_differ_as_such(tmp_path, child_env):
+    script = tmp_path / "misbehaving_training.py"
+    script.write_text(MISBEHAVING_TRAINING)
+    report = verify_command([sys.executable, str(script), "unseeded-init"], steps=2)
+    assert report.status == DIFFERENT, report.lines
+    assert report.lines[0] == "not reproducible: the initial state differs (before step 1)"
+    assert report.lines[1] == "  rank 0: 2 of 2 tensors differ; the first, in state_dict order:"
+    assert report.lines[2].startswith("    weight: sum differs by ")
+
+
+def test_verify_shows_where_a_run_diverged_before_it_failed(tmp_path, child_env):
+    script = tmp_path / "misbehaving_training.py"
+    script.write_text(MISBEHAVING_TRAINING)
+    report = verify_command([sys.executable, str(script), "diverge-then-fail"], steps=6)
+    assert report.status == DIFFERENT, report.lines
+    assert report.lines[0] == "not reproducible: the runs first differ at step 3 (identical before it)"
+    assert report.lines[1].startswith("  rank 0: loss ")
+    failure = report.lines.index("run 2 then failed with exit status 1; the end of its output:")
+    assert report.lines[failure + 1 :] == ["  loss diverged"]
+
+
+# Writes argv[1] as the one record of its trace, from the folder argv[2]: a command with a trace of its own.
+TRACE_WRITER = """
+import os
+import sys
+
+os.chdir(sys.argv[2])
+with open(os.path.join(os.environ["REPRO_TRACE_DIR"], "rank-0.jsonl"), "w") as trace:
+    trace.write(sys.argv[1] + "\\n")
+"""
+VALID_RECORD = {"step": 1, "loss": 0.5, "tensors": {"w": "00"}, "stats": {"w": [1.0, 2.0]}}
+
+
+def test_verify_finds_a_relative_trace_dir_from_a_command_that_changes_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = [sys.executable, "-c", TRACE_WRITER, json.dumps(VALID_RECORD), "/"]
+    assert main(["verify", "--steps", "1", "--trace-dir", "traces", "--", *command]) == SAME
+    assert "bitwise reproducible over 1 steps" in capsys.readouterr().out
+    assert (tmp_path / "traces" / "run-2" / "rank-0.jsonl").read_text() == json.dumps(VALID_RECORD) + "\n"
+
+
+MALFORMED_RECORDS = {
+    "no stats": ({"step": 1, "loss": 0.5, "tensors": {"w": "00"}}, "'stats' must map each tensor name to [sum, norm]"),
+    "stats null": ({**VALID_RECORD, "stats": None}, "'stats' must map each tensor name to [sum, norm]"),
+    "stats of one number": ({**VALID_RECORD, "stats": {"w": [1.0]}}, "'stats' must map each tensor name"),
+    "tensors a list": ({**VALID_RECORD, "tensors": ["00"]}, "'tensors' must map each tensor name to its digest"),
+    "loss a string": ({**VALID_RECORD, "loss": "0.5"}, "'loss' must be a number or null, got '0.5'"),
+    "step a list": ({**VALID_RECORD, "step": [1]}, "'step' must be an integer from 0, got [1]"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_RECORDS))
+def test_verify_refuses_a_malformed_trace_record_in_one_line(tmp_path, capsys, kind):
+    record, problem = MALFORMED_RECORDS[kind]
+    command = [sys.executable, "-c", TRACE_WRITER, json.dumps(record), str(tmp_path)]
+    assert main(["verify", "--steps", "1", "--trace-dir", str(tmp_path / "traces"), "--", *command]) == ERROR
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(
+        f"python -m repro verify: error: not a valid trace: {tmp_path / 'traces' / 'run-1' / 'rank-0.jsonl'}, "
+        f"record 1: {problem}"
+    )
 
 
 def test_verify_reports_a_failing_run_with_its_output(child_env):
@@ -202,6 +345,7 @@ from torch import nn
 from repro.augment import SeededAugmentation
 from repro.loader import GlobalBatchSampler
 from repro.seeds import SeedPlan
+from repro.trace import StepTracer, TraceSettingError
 
 
 def augment(image):
@@ -329,6 +473,24 @@ def test_reproduce_matches_the_recorded_weights(reference_run, reproduction):
     assert report.status == SAME, report.lines
     assert report.lines[0] == f"reproduced: weights_sha256 {expected} matches"
     assert read_manifest(again)["weights_sha256"] == expected
+
+
+def test_reproduce_reports_changed_test_data_that_leaves_the_weights_alone(tmp_path, child_env):
+    folder = make_folder(tmp_path / "images", per_class=16)  # 32 training images: one batch of TINY's
+    run = tmp_path / "run"
+    recorded = train_ok(run, "--dataset", "imagefolder", "--data-dir", str(folder))
+    for name in ("0.png", "1.png"):  # two test dogs become cats: the training set, and so the weights, stay
+        shutil.copyfile(folder / "test" / "cat" / name, folder / "test" / "dog" / name)
+    report = reproduce_run(run, tmp_path / "again", script=TRAIN)
+    text = "\n".join(report.lines)
+    assert report.status == DIFFERENT, text
+    assert report.lines[0] == (
+        f"not reproduced: the weights match (weights_sha256 {recorded['weights_sha256']}), "
+        "but not the recorded results:"
+    )
+    assert f"  dataset_sha256: recorded {recorded['dataset_sha256']!r}, reproduced " in text
+    assert f"  test_loss: recorded {recorded['test_loss']!r}, reproduced " in text
+    assert "the data is not the recorded run's" in text
 
 
 def test_compare_finds_two_runs_of_one_seed_identical(reference_run, reproduction):
