@@ -64,9 +64,9 @@ SCHEDULER_KEY = "scheduler"
 
 _STEP = r"(?:\d{8}|[1-9]\d{8,})"  # folder_name's digits: 8 at least, no leading zero beyond them
 _FOLDER_NAME = re.compile(rf"{PREFIX}({_STEP})")
-# What a writer killed mid-checkpoint leaves: its staging folder, or (before set-aside/ existed)
-# the old folder of a step it rewrote.
-_STAGING_NAME = re.compile(rf"\.tmp-(replaced-)?{PREFIX}{_STEP}-\d+-[0-9a-f]{{8}}")
+# What a writer killed mid-checkpoint leaves: its staging folder, or the old folder of a step it
+# rewrote (publish), named by the step's folder.
+_STAGING_NAME = re.compile(rf"\.tmp-(replaced-)?({PREFIX}{_STEP})-\d+-[0-9a-f]{{8}}")
 SET_ASIDE_DIR = "set-aside"
 _SET_ASIDE_DIR_NAME = re.compile(re.escape(SET_ASIDE_DIR))
 _SET_ASIDE_NAME = re.compile(rf"{PREFIX}{_STEP}(\.[1-9]\d*)?")  # a second one of a step gets .1, .2, ...
@@ -262,8 +262,8 @@ def publish(staging: Path, step: int) -> list[Path]:
     With a later checkpoint present the run went back, and the checkpoints of ``step`` and
     later are set aside. Otherwise a checkpoint of ``step`` (the newest, saved again) is
     replaced: moved to a ``.tmp-replaced-*`` name, the new one renamed in, the old one
-    deleted. A kill between those two renames leaves neither in place, only the earlier
-    checkpoints, which a resume continues from exactly. A link named like the checkpoint
+    deleted. A kill between those two renames leaves the old one under that name, which
+    :func:`remove_stale_staging` puts back. A link named like the checkpoint
     is removed, never followed. On a failure the staging folder is removed, the old
     checkpoint put back, and ``OSError`` raised.
     """
@@ -372,12 +372,19 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 def remove_stale_staging(directory: Path) -> list[Path]:
     """Delete the ``.tmp-step-*`` folders left by a run killed while writing; return them.
-    Links, other names and folders that cannot be deleted are left alone: no run ever lists them."""
+    A ``.tmp-replaced-*`` checkpoint whose successor never came (killed between :func:`publish`'s
+    two renames) is put back in place instead. Links, other names and folders that cannot be
+    deleted are left alone: no run ever lists them."""
     removed = []
     for path in sorted(directory.iterdir()) if directory.is_dir() else []:
-        if not _STAGING_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+        match = _STAGING_NAME.fullmatch(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
             continue
+        final = directory / match[2]
         try:
+            if match[1] and not final.exists() and not final.is_symlink():
+                path.rename(final)
+                continue
             shutil.rmtree(path)
         except OSError:
             continue
