@@ -48,8 +48,9 @@ __all__ = ["Checkpoint", "CheckpointError", "Checkpointer", "Restored"]
 
 TensorGroups = Mapping[str, Mapping[str, torch.Tensor]]
 
-# Optimizer settings that the run fixes: load_state_dict would otherwise take the file's. The last
-# four are those of OneCycleLR and CyclicLR, which then move momentum between the last two.
+# Optimizer settings that the run fixes: load_state_dict would otherwise take the file's. The
+# second are those OneCycleLR and CyclicLR add to each group; they then move momentum between
+# base_momentum and max_momentum, so it is not fixed.
 _GROUP_SETTINGS = ("momentum", "dampening", "nesterov", "weight_decay", "initial_lr")
 _CYCLE_SETTINGS = ("max_lr", "min_lr", "base_momentum", "max_momentum")
 
