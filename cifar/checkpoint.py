@@ -64,13 +64,12 @@ STATE_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "records": (lambda v: isinstance(v, list) and all(map(_is_record, v)), "a list of epoch records"),
     "test_accuracy": (lambda v: v is None or is_number(v), "a number or null"),
     "sampler": (lambda v: isinstance(v, dict), "a mapping"),
-    "scheduler": (lambda v: isinstance(v, dict), "a mapping"),
     "scaler": (lambda v: v is None or isinstance(v, dict), "a mapping or null"),
     "config": (lambda v: isinstance(v, dict), "a mapping"),
     "environment": (lambda v: isinstance(v, dict), "a mapping"),
     "dataset_sha256": (is_sha256, "a SHA-256"),
 }
-_FORMAT_KEYS = {"format", "version", "files", "state_sha256"}  # checked by repro.checkpoint_format
+_FORMAT_KEYS = {"format", "version", "tied", "files", "state_sha256"}  # checked by repro.checkpoint_format
 
 
 def check_schema(found: Checkpoint) -> None:
@@ -123,8 +122,9 @@ def check_counters(
             f"sampler epoch {sampler['epoch']}, position {sampler['position']} disagree with "
             f"epoch {epoch}, position {position}"
         )
-    if state["scheduler"].get("last_epoch") != step:
-        raise found.error(f"scheduler last_epoch {short(state['scheduler'].get('last_epoch'))} is not step {step}")
+    scheduler = found.scheduler_state() or {}
+    if scheduler.get("last_epoch") != step:
+        raise found.error(f"scheduler last_epoch {short(scheduler.get('last_epoch'))} is not step {step}")
     if state["scaler"] is not None and scaler_state is not None:
         common = set(state["scaler"]) & set(scaler_state)
         check_structure(found, {k: state["scaler"][k] for k in common}, {k: scaler_state[k] for k in common}, "scaler")

@@ -26,6 +26,8 @@ main rank the rest, and a write that fails on any rank raises the same
 
 from __future__ import annotations
 
+import io
+import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,8 +48,11 @@ __all__ = ["Checkpoint", "CheckpointError", "Checkpointer", "Restored"]
 
 TensorGroups = Mapping[str, Mapping[str, torch.Tensor]]
 
-# Optimizer settings that the run fixes: load_state_dict would otherwise take the file's.
+# Optimizer settings that the run fixes: load_state_dict would otherwise take the file's. The
+# second are those OneCycleLR and CyclicLR add to each group; they then move momentum between
+# base_momentum and max_momentum, so it is not fixed.
 _GROUP_SETTINGS = ("momentum", "dampening", "nesterov", "weight_decay", "initial_lr")
+_CYCLE_SETTINGS = ("max_lr", "min_lr", "base_momentum", "max_momentum")
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,10 @@ class Checkpointer:
         rank_progress: Mapping[str, Any] | None = None,
         tensors: TensorGroups | None = None,
     ) -> Path:
-        """Write checkpoint ``step`` atomically, setting aside those of ``step`` and later (a run
-        that went back, :func:`repro.checkpoint_format.set_aside_from`), then remove the ones
-        beyond ``keep``.
+        """Write checkpoint ``step`` atomically, then remove the ones beyond ``keep``. A checkpoint
+        of ``step`` already there is replaced once the new one is complete; if a later one
+        exists, the run went back, and those of ``step`` and later are set aside
+        (:func:`repro.checkpoint_format.publish`).
 
         When: after an optimizer step (and the scheduler's step), on every rank. Pass the
         unwrapped model. ``batches_consumed`` is the count the sampler's ``state_dict``
@@ -144,19 +150,34 @@ class Checkpointer:
         JSON values the loop needs to continue (the main rank's are saved), ``rank_progress``
         this rank's own, and ``tensors`` named groups of extra tensors (an EMA's weights).
 
-        Returns the checkpoint's folder. Raises :class:`CheckpointError` on every rank when
-        any rank fails to write; the checkpoints written before are intact.
+        Returns the checkpoint's folder. Raises :class:`CheckpointError` (a ``ValueError``) on
+        every rank when any rank fails to write, or is given what a checkpoint cannot hold (a
+        step that is not an int of 0 or more, progress values that are not JSON, model state
+        that is not tensors, a scheduler state that ``weights_only`` loading refuses), before
+        anything is written; the checkpoints written before are intact.
         """
         progress, rank_progress, tensors = dict(progress or {}), dict(rank_progress or {}), dict(tensors or {})
         _check_names(progress, fmt.RESERVED_KEYS, "progress")
         _check_names(rank_progress, {"rng"}, "rank_progress")
-        _check_names(tensors, fmt.OPTIMIZER_KEYS, "tensors")
-        final = self.directory / fmt.folder_name(step)
+        _check_names(tensors, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
+        main = _rank() == 0
+        model_state: dict[str, torch.Tensor] = {}
+        tied: dict[str, str] = {}
+        try:
+            final = self.directory / fmt.folder_name(step)
+            _check_json(rank_progress, "rank_progress")
+            if main:
+                _check_json(progress, "progress")
+                model_state, tied = _model_tensors(model)
+                _check_scheduler_state(scheduler)
+        except ValueError as problem:
+            label = f"checkpoint step {step}" if fmt.is_count(step) else "a checkpoint"
+            _agree(None, f"cannot save {label}: {problem}")
+        _agree(None, None)
 
         def failure(error: OSError) -> str:
             return f"cannot write checkpoint {final}: {error}; the checkpoints written before it are intact"
 
-        main = _rank() == 0
         staging, error = None, None
         if main:
             try:
@@ -170,21 +191,20 @@ class Checkpointer:
             error = failure(problem)
         _agree(None, error)
         if main:
-            model_state = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
-            state: dict[str, Any] = {"step": step}
+            state: dict[str, Any] = {"step": step, "tied": tied}
             if sampler is not None:
                 state["sampler"] = sampler.state_dict(batches_consumed)
-            if scheduler is not None:
-                state["scheduler"] = scheduler.state_dict()
             extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in tensors.items()}
+            if scheduler is not None:
+                extra[fmt.SCHEDULER_KEY] = scheduler.state_dict()
             try:
-                set_aside = fmt.set_aside_from(self.directory, step)
+                fmt.write_main(staging, model_state, {**optimizer.state_dict(), **extra}, {**state, **progress})
+                set_aside = fmt.publish(staging, step)
                 if set_aside:
                     self.log(
                         f"set aside {len(set_aside)} checkpoint(s) of step {step} and later, which this run went "
                         f"back past, in {set_aside[0].parent}"
                     )
-                fmt.write_main(staging, model_state, {**optimizer.state_dict(), **extra}, {**state, **progress})
             except OSError as problem:
                 error = failure(problem)
             else:
@@ -222,7 +242,7 @@ class Checkpointer:
         ``None`` when none is left (and when there is none yet).
         """
         tensors = dict(tensors or {})
-        _check_names(tensors, fmt.OPTIMIZER_KEYS, "tensors")
+        _check_names(tensors, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
 
         def open_checkpoint(path: Path) -> tuple[Checkpoint, dict[str, Any]]:
             found = fmt.load(path)
@@ -243,7 +263,7 @@ class Checkpointer:
                 for key, tensor in group.items():
                     tensor.copy_(contents["tensors"][name][key])
         if scheduler is not None:
-            scheduler.load_state_dict(found.state["scheduler"])
+            scheduler.load_state_dict(contents["scheduler"])
         if sampler is not None:
             sampler.load_state_dict(found.state["sampler"])
         rank_state = contents["rank"]
@@ -262,6 +282,61 @@ def _check_names(values: Mapping[str, Any], reserved: frozenset[str] | set[str],
         raise ValueError(f"{what} keys must be strings other than {sorted(reserved)}, got {short(list(values))}")
 
 
+def _check_json(values: Mapping[str, Any], what: str) -> None:
+    """``values`` must be JSON values: a tensor or numpy number would stop the write half-way."""
+    for key, value in values.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{what}[{key!r}] is not a JSON value ({first_line(error)}); convert it, e.g. .item()"
+            ) from None
+
+
+def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state on the CPU, each shared tensor (tied weights) once, and the names
+    left out, each mapped to the name its tensor is stored under. safetensors stores no
+    shared memory; a module's extra state that is not a tensor is refused here."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    stored_as: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            module = name.removesuffix("_extra_state").removesuffix(".") or "the model itself"
+            raise ValueError(
+                f"the model's state {name!r} is a {type(value).__name__}, not a tensor (module {module}'s "
+                "get_extra_state): a checkpoint's weights file holds tensors only"
+            )
+        view = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.stride())
+        if value.numel() and (view, value.dtype) in stored_as:
+            tied[name] = stored_as[view, value.dtype]
+            continue
+        stored_as[view, value.dtype] = name
+        tensor = value.detach().cpu().contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()  # part of a tensor stored already: its own copy
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors, tied
+
+
+def _check_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """The scheduler's state must load back with ``weights_only=True`` (no code runs): a
+    callable object in it, say, would make a checkpoint that every restore refuses."""
+    if scheduler is None:
+        return
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as error:  # the unpickler refuses with one of many types
+        raise ValueError(
+            f"the scheduler's state cannot be loaded back without running code ({first_line(error)})"
+        ) from None
+
+
 def _read_checked(
     found: Checkpoint,
     model: nn.Module,
@@ -273,18 +348,20 @@ def _read_checked(
     """Read the content of ``found`` and check it against the live objects; nothing is applied.
     Every rank checks every rank's RNG state, so all ranks accept or refuse the same checkpoints."""
     state = found.state
-    for key, live in (("scheduler", scheduler), ("sampler", sampler)):
-        if (live is None) != (key not in state):
-            raise found.error(f"{'lacks' if live is not None else 'holds'} a {key} state, unlike this run")
-    scheduler_lrs = None
-    if scheduler is not None:
-        _check_scheduler(found, state["scheduler"], scheduler.state_dict())
-        scheduler_lrs = state["scheduler"]["_last_lr"]
+    if (sampler is None) != ("sampler" not in state):
+        raise found.error(f"{'lacks' if sampler is not None else 'holds'} a sampler state, unlike this run")
     if sampler is not None:
         _check_sampler(found, state["sampler"], sampler.state_dict(0), len(sampler))
     model_state = found.model_state()
     _check_tensors(found, model_state, model.state_dict(), fmt.MODEL_FILE)
     content = found.optimizer_file()
+    scheduler_state = content.pop(fmt.SCHEDULER_KEY, None)
+    if (scheduler is None) != (scheduler_state is None):
+        raise found.error(f"{'lacks' if scheduler is not None else 'holds'} a scheduler state, unlike this run")
+    scheduler_lrs = None
+    if scheduler is not None:
+        _check_scheduler(found, scheduler_state, scheduler.state_dict())
+        scheduler_lrs = scheduler_state.get("_last_lr")
     extra = {name: content.pop(name, None) for name in set(content) - fmt.OPTIMIZER_KEYS | set(tensors)}
     for name, saved in extra.items():
         where = f"{fmt.OPTIMIZER_FILE}'s {name}"
@@ -298,7 +375,13 @@ def _read_checked(
     current = capture_rng_state()
     for rank, rank_state in rank_states.items():
         _check_rng_state(found, rank_state["rng"], f"rank-{rank}.json", current)
-    return {"model": model_state, "optimizer": content, "tensors": extra, "rank": rank_states.get(_rank())}
+    return {
+        "model": model_state,
+        "optimizer": content,
+        "scheduler": scheduler_state,
+        "tensors": extra,
+        "rank": rank_states.get(_rank()),
+    }
 
 
 def check_structure(found: Checkpoint, saved: Any, reference: Any, where: str) -> None:
@@ -320,14 +403,17 @@ def check_structure(found: Checkpoint, saved: Any, reference: Any, where: str) -
         raise found.error(f"{where} is {short(saved)}, not a {type(reference).__name__}")
 
 
-def _check_scheduler(found: Checkpoint, saved: dict[str, Any], live: dict[str, Any]) -> None:
-    for key in ("last_epoch", "base_lrs", "_last_lr"):
-        if key not in saved:
+def _check_scheduler(found: Checkpoint, saved: Any, live: dict[str, Any]) -> None:
+    """The saved state has the live scheduler's counters, its shape, and its base rates."""
+    if not isinstance(saved, dict):
+        raise found.error(f"{fmt.OPTIMIZER_FILE}'s scheduler state is not a mapping")
+    for key in ("last_epoch", "base_lrs", "_last_lr"):  # those the live one has (ReduceLROnPlateau: no base_lrs)
+        if key in live and key not in saved:
             raise found.error(f"scheduler state lacks {key!r}")
     # Only the keys both hold: another torch version may add or drop some.
     common = set(saved) & set(live)
     check_structure(found, {k: saved[k] for k in common}, {k: live[k] for k in common}, "scheduler")
-    if saved["base_lrs"] != live["base_lrs"]:
+    if "base_lrs" in live and saved["base_lrs"] != live["base_lrs"]:
         raise found.error(
             f"scheduler base_lrs {short(saved['base_lrs'])} differ from this run's {short(live['base_lrs'])}"
         )
@@ -375,7 +461,9 @@ def _check_optimizer(
                 f"{name}: parameter group {index} has {len(group['params'])} parameters, "
                 f"this run's {len(live['params'])}"
             )
-        for key in _GROUP_SETTINGS:
+        # A cyclic scheduler moves momentum (it adds max_momentum to the group): its bounds are fixed instead.
+        fixed = [key for key in _GROUP_SETTINGS if key != "momentum" or "max_momentum" not in live]
+        for key in fixed + list(_CYCLE_SETTINGS):
             if key in live and group.get(key) != live[key]:
                 raise found.error(f"{name}: group {index} has {key} {short(group.get(key))}, this run's {live[key]!r}")
         lr = group.get("lr")

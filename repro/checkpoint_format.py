@@ -1,22 +1,26 @@
-"""The on-disk checkpoint format (version 2) that :mod:`repro.checkpoint` writes and reads.
+"""The on-disk checkpoint format (version 3) that :mod:`repro.checkpoint` writes and reads.
 
-A checkpoint is a folder ``step-NNNNNNNN/`` in a checkpoints folder, holding:
+A checkpoint is a folder ``step-NNNNNNNN/`` in a checkpoints folder (the step in at
+least 8 digits; folders are ordered by the step's value), holding:
 
-- ``model.safetensors``: the weights (safetensors: tensors only);
-- ``optimizer.pt``: the optimizer's state and any extra tensor groups, read back
-  with ``torch.load(weights_only=True)``, which builds tensors and plain
-  containers and refuses anything else;
+- ``model.safetensors``: the weights (safetensors: tensors only), each shared
+  tensor (tied weights) once;
+- ``optimizer.pt``: the optimizer's state, the scheduler's state and any extra
+  tensor groups, read back with ``torch.load(weights_only=True)``, which builds
+  tensors and plain containers and refuses anything else;
 - ``rank-R.json``: each process's RNG state (:mod:`repro.rng`) and its own
   progress values, as JSON;
-- ``state.json``: the format version, the step, the sampler's and scheduler's
-  state, the user's progress values, the SHA-256 of every other file, and the
-  SHA-256 of its own content (``state_sha256``).
+- ``state.json``: the format version, the step, the sampler's state, the names
+  of the tied weights (``tied``: each to the name it is stored under), the
+  user's progress values, the SHA-256 of every other file, and the SHA-256 of
+  its own content (``state_sha256``).
 
 It is written into a temporary folder with a name of its own
 (``.tmp-step-NNNNNNNN-<pid>-<random>``), every file fsynced, and renamed into
-place once complete, so a kill during the write leaves the previous checkpoints
-intact and at worst a ``.tmp-*`` folder, which :func:`remove_stale_staging`
-deletes; two writers never share one. :func:`load` checks what a folder holds
+place once complete (:func:`publish`), so a kill during the write leaves the
+previous checkpoints intact and at worst a ``.tmp-*`` folder, which
+:func:`remove_stale_staging` deletes; two writers never share one. A step
+written again replaces its checkpoint only once the new one is complete. :func:`load` checks what a folder holds
 by itself (format, version, hashes, file list) before anyone reads its content.
 
 A run that went back to an earlier step (``auto`` past damaged checkpoints, or a
@@ -47,23 +51,25 @@ from repro.files import RunFileError, first_line, parse_json, read_text
 from repro.report import short
 
 FORMAT = "repro.checkpoint"
-VERSION = 2  # 2: state.json is hashed
+VERSION = 3  # 2: state.json is hashed; 3: the scheduler's state is in optimizer.pt, tied weights are stored once
 PREFIX = "step-"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 # state.json's keys that the format itself uses; the user's progress values take the others.
-RESERVED_KEYS = frozenset({"format", "version", "step", "sampler", "scheduler", "files", "state_sha256"})
-# optimizer.pt's keys that the optimizer's state uses; extra tensor groups take the others.
+RESERVED_KEYS = frozenset({"format", "version", "step", "sampler", "scheduler", "tied", "files", "state_sha256"})
+# optimizer.pt's keys that the optimizer's state uses; extra tensor groups take the others but SCHEDULER_KEY.
 OPTIMIZER_KEYS = frozenset({"state", "param_groups"})
+SCHEDULER_KEY = "scheduler"
 
-_FOLDER_NAME = re.compile(rf"{PREFIX}\d{{8}}")
-# What a writer killed mid-checkpoint leaves: its staging folder, or (before set-aside/ existed)
-# the old folder of a step it rewrote.
-_STAGING_NAME = re.compile(rf"\.tmp-(replaced-)?{PREFIX}\d{{8}}-\d+-[0-9a-f]{{8}}")
+_STEP = r"(?:\d{8}|[1-9]\d{8,})"  # folder_name's digits: 8 at least, no leading zero beyond them
+_FOLDER_NAME = re.compile(rf"{PREFIX}({_STEP})")
+# What a writer killed mid-checkpoint leaves: its staging folder, or the old folder of a step it
+# rewrote (publish), named by the step's folder.
+_STAGING_NAME = re.compile(rf"\.tmp-(replaced-)?({PREFIX}{_STEP})-\d+-[0-9a-f]{{8}}")
 SET_ASIDE_DIR = "set-aside"
 _SET_ASIDE_DIR_NAME = re.compile(re.escape(SET_ASIDE_DIR))
-_SET_ASIDE_NAME = re.compile(rf"{PREFIX}\d{{8}}(\.[1-9]\d*)?")  # a second one of a step gets .1, .2, ...
+_SET_ASIDE_NAME = re.compile(rf"{PREFIX}{_STEP}(\.[1-9]\d*)?")  # a second one of a step gets .1, .2, ...
 _RANK_FILE = re.compile(r"rank-(0|[1-9]\d*)\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -88,7 +94,15 @@ def is_sha256(value: Any) -> bool:
 
 
 def folder_name(step: int) -> str:
+    """The folder of checkpoint ``step``; raises ``ValueError`` unless ``step`` is a count."""
+    if not is_count(step):
+        raise ValueError(f"step must be an int of 0 or more, got {short(step)} ({type(step).__name__})")
     return f"{PREFIX}{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder that :func:`list_checkpoints` lists."""
+    return int(path.name.removeprefix(PREFIX))
 
 
 def state_sha256(state: Mapping[str, Any]) -> str:
@@ -122,10 +136,16 @@ class Checkpoint:
         return CheckpointError(f"checkpoint {self.path}: {problem}")
 
     def model_state(self) -> dict[str, torch.Tensor]:
+        """The weights, each tied name given the tensor of the name it is stored under."""
         try:
-            return load_safetensors((self.path / MODEL_FILE).read_bytes())
+            tensors = load_safetensors((self.path / MODEL_FILE).read_bytes())
         except (SafetensorError, OSError) as error:
             raise self.error(f"unreadable {MODEL_FILE} ({first_line(error)})") from None
+        for name, stored_as in self.state["tied"].items():
+            if name in tensors or stored_as not in tensors:
+                raise self.error(f"{STATE_FILE} ties {short(name)} to {short(stored_as)}, which {MODEL_FILE} lacks")
+            tensors[name] = tensors[stored_as]
+        return tensors
 
     def optimizer_file(self) -> dict[str, Any]:
         """``optimizer.pt``'s content, unpickled with ``weights_only=True``: no code runs."""
@@ -139,6 +159,13 @@ class Checkpoint:
         if not isinstance(content, dict):
             raise self.error(f"{OPTIMIZER_FILE} does not hold an optimizer state")
         return content
+
+    def scheduler_state(self) -> dict[str, Any] | None:
+        """The scheduler's state that ``optimizer.pt`` holds, None if it holds none."""
+        state = self.optimizer_file().get(SCHEDULER_KEY)
+        if state is not None and not isinstance(state, dict):
+            raise self.error(f"{OPTIMIZER_FILE}'s scheduler state is not a mapping")
+        return state
 
     def rank_state(self, rank: int) -> dict[str, Any]:
         """``rank-R.json``: a mapping holding ``rng`` and the rank's progress values."""
@@ -205,14 +232,14 @@ def write_rank_state(staging: Path, rank: int, data: Mapping[str, Any]) -> None:
 
 def write_main(
     staging: Path, model_state: Mapping[str, torch.Tensor], optimizer_file: Mapping[str, Any], state: dict[str, Any]
-) -> Path:
-    """Write the shared files, hash everything and rename the folder into place (main process only).
+) -> None:
+    """Write the shared files and hash everything (main process only); :func:`publish` then
+    puts the folder in place.
 
-    Call it after every rank has written its part. ``state`` holds ``step`` and the other
-    keys of ``state.json``. Returns the final folder. On a failure (a full disk) it removes
-    the staging folder and raises ``OSError``: the previous checkpoints are untouched.
+    Call it after every rank has written its part. ``state`` holds ``step``, ``tied`` and the
+    other keys of ``state.json``. On a failure (a full disk) it removes the staging folder and
+    raises ``OSError``: the previous checkpoints are untouched.
     """
-    final = staging.parent / folder_name(state["step"])
     try:
         files = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
         # Serialised in memory and written here, so a failing disk raises OSError, whatever the library.
@@ -223,20 +250,43 @@ def write_main(
         state = {"format": FORMAT, "version": VERSION, **state, "files": dict(sorted(files.items()))}
         state["state_sha256"] = state_sha256(state)
         _write(staging / STATE_FILE, json.dumps(state, indent=1).encode())
-        _replace(final, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync(staging.parent)
-    return final
 
 
-def _replace(final: Path, staging: Path) -> None:
-    """Rename ``staging`` to ``final``. A checkpoint of the same step was set aside before
-    (:func:`set_aside_from`); a link there is removed, never followed."""
-    if final.is_symlink():
-        final.unlink()
-    staging.rename(final)
+def publish(staging: Path, step: int) -> list[Path]:
+    """Put the complete checkpoint ``staging`` in place as step ``step``; return the
+    checkpoints it set aside (:func:`set_aside_from`).
+
+    With a later checkpoint present the run went back, and the checkpoints of ``step`` and
+    later are set aside. Otherwise a checkpoint of ``step`` (the newest, saved again) is
+    replaced: moved to a ``.tmp-replaced-*`` name, the new one renamed in, the old one
+    deleted. A kill between those two renames leaves the old one under that name, which
+    :func:`remove_stale_staging` puts back. A link named like the checkpoint
+    is removed, never followed. On a failure the staging folder is removed, the old
+    checkpoint put back, and ``OSError`` raised.
+    """
+    directory = staging.parent
+    final, replaced = directory / folder_name(step), None
+    try:
+        went_back = any(step_of(path) > step for path in list_checkpoints(directory))
+        set_aside = set_aside_from(directory, step) if went_back else []
+        if final.is_symlink():
+            final.unlink()
+        elif final.exists():
+            replaced = directory / f".tmp-replaced-{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
+            final.rename(replaced)
+        staging.rename(final)
+    except BaseException:
+        if replaced is not None and not final.exists():
+            replaced.rename(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(directory)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return set_aside
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -268,9 +318,11 @@ def _read_state(path: Path) -> dict[str, Any]:
     files = state.get("files")
     if not isinstance(files, dict) or not all(isinstance(name, str) and is_sha256(h) for name, h in files.items()):
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE}'s 'files' is not a mapping of file names to SHA-256s")
-    for key in ("sampler", "scheduler"):
-        if key in state and not isinstance(state[key], dict):
-            raise CheckpointError(f"checkpoint {path}: {STATE_FILE}'s {key!r} is not a mapping")
+    if "sampler" in state and not isinstance(state["sampler"], dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE}'s 'sampler' is not a mapping")
+    tied = state.get("tied")
+    if not isinstance(tied, dict) or not all(isinstance(value, str) for value in tied.values()):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE}'s 'tied' is not a mapping of names to names")
     return state
 
 
@@ -304,25 +356,35 @@ def load(path: Path) -> Checkpoint:
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoint folders in ``directory``, oldest first. Links are left out: a
-    checkpoint is a real folder this run wrote, and a link is neither resumed from nor pruned."""
+    """Complete checkpoint folders in ``directory``, oldest (lowest step) first. Links are left
+    out: a checkpoint is a real folder this run wrote, and a link is neither resumed from nor pruned."""
     if not directory.is_dir():
         return []
     return sorted(
-        path
-        for path in directory.iterdir()
-        if _FOLDER_NAME.fullmatch(path.name) and not path.is_symlink() and path.is_dir()
+        (
+            path
+            for path in directory.iterdir()
+            if _FOLDER_NAME.fullmatch(path.name) and not path.is_symlink() and path.is_dir()
+        ),
+        key=step_of,
     )
 
 
 def remove_stale_staging(directory: Path) -> list[Path]:
     """Delete the ``.tmp-step-*`` folders left by a run killed while writing; return them.
-    Links, other names and folders that cannot be deleted are left alone: no run ever lists them."""
+    A ``.tmp-replaced-*`` checkpoint whose successor never came (killed between :func:`publish`'s
+    two renames) is put back in place instead. Links, other names and folders that cannot be
+    deleted are left alone: no run ever lists them."""
     removed = []
     for path in sorted(directory.iterdir()) if directory.is_dir() else []:
-        if not _STAGING_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+        match = _STAGING_NAME.fullmatch(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
             continue
+        final = directory / match[2]
         try:
+            if match[1] and not final.exists() and not final.is_symlink():
+                path.rename(final)
+                continue
             shutil.rmtree(path)
         except OSError:
             continue
@@ -369,13 +431,13 @@ def set_aside_from(directory: Path, step: int) -> list[Path]:
     """Move the checkpoints of step ``step`` and later into ``directory/set-aside/``; return
     where each went.
 
-    When: as checkpoint ``step`` is written, before it is renamed into place. A run that
-    writes ``step`` while such checkpoints exist went on from an earlier one, so they
-    belong to a course it left (``auto`` refused them, or a path named an earlier one):
-    left in place, they would count as the newest, and pruning would delete what the
-    run writes now.
+    When: as checkpoint ``step`` is put in place (:func:`publish`), once it is complete, if
+    a later one exists. A run that writes ``step`` while later checkpoints exist went on
+    from an earlier one, so they belong to a course it left (``auto`` refused them, or a
+    path named an earlier one): left in place, they would count as the newest, and
+    pruning would delete what the run writes now.
     """
-    later = [path for path in list_checkpoints(directory) if int(path.name.removeprefix(PREFIX)) >= step]
+    later = [path for path in list_checkpoints(directory) if step_of(path) >= step]
     if not later:
         return []
     aside = directory / SET_ASIDE_DIR

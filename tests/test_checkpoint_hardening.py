@@ -79,12 +79,21 @@ def add_cuda_rng_state(folder: Path) -> None:
     edit_state(folder, lambda state: None)
 
 
-def drop_optimizer_group(folder: Path) -> None:
+def edit_optimizer_file(folder: Path, edit: Callable[[dict], None]) -> None:
+    """Edit optimizer.pt (the optimizer's and the scheduler's state), rehashed as a forger would."""
     optimizer_file = folder / "optimizer.pt"
     state = torch.load(optimizer_file, weights_only=True)
-    state["param_groups"] = state["param_groups"][:1]
+    edit(state)
     torch.save(state, optimizer_file)
     edit_state(folder, lambda state: None)
+
+
+def drop_optimizer_group(folder: Path) -> None:
+    edit_optimizer_file(folder, lambda state: state.__setitem__("param_groups", state["param_groups"][:1]))
+
+
+def set_scheduler_key(key: str, value: object) -> Callable[[Path], None]:
+    return lambda folder: edit_optimizer_file(folder, lambda state: state["scheduler"].__setitem__(key, value))
 
 
 def reshape_classifier(folder: Path) -> None:
@@ -113,8 +122,8 @@ DAMAGE: dict[int, tuple[Callable[[Path], None], str]] = {
     15: (lambda f: flip_byte_in_tensor_data(f / "model.safetensors"), "model.safetensors is corrupt (its SHA-256"),
     14: (lambda f: edit_state(f, set_key("position", 4), rehash=False), "state.json is altered or corrupt"),
     13: (lambda f: edit_state(f, set_sampler_position(3)), "sampler epoch 1, position 3 disagree"),
-    12: (lambda f: edit_state(f, lambda s: s["scheduler"].__setitem__("last_epoch", 10)), "last_epoch 10 is not"),
-    11: (lambda f: edit_state(f, lambda s: s["scheduler"].__setitem__("base_lrs", [0.5, 0.5])), "base_lrs"),
+    12: (set_scheduler_key("last_epoch", 10), "last_epoch 10 is not"),
+    11: (set_scheduler_key("base_lrs", [0.5, 0.5]), "base_lrs"),
     10: (lambda f: edit_state(f, set_key("files", ["model.safetensors"])), "'files' is not a mapping"),
     9: (lambda f: edit_state(f, lambda s: s.pop("records")), "state.json lacks 'records'"),
     8: (lambda f: edit_state(f, set_key("epoch", "1")), "'epoch' is not a count"),
@@ -122,7 +131,10 @@ DAMAGE: dict[int, tuple[Callable[[Path], None], str]] = {
     6: (add_cuda_rng_state, "RNG state for CUDA device '64', which this machine lacks"),
     5: (drop_optimizer_group, "optimizer.pt has 1 parameter groups, this run's optimizer 3"),
     4: (reshape_classifier, "model.safetensors: classifier.weight is (5, 64)"),
-    3: (lambda f: edit_state(f, set_key("version", 1)), "has format version 1; this code reads version 2"),
+    3: (
+        lambda f: edit_state(f, set_key("version", 1)),
+        f"has format version 1; this code reads version {checkpoint.VERSION}",
+    ),
 }
 
 
