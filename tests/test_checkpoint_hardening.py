@@ -248,6 +248,9 @@ def test_read_only_folder_and_full_disk_fail_in_one_line_and_lose_nothing(many_c
     assert_same_run(run_dir, reference_run)
 
 
+# Slow (30 s): in make test, one process's failed write is test_read_only_folder_and_full_disk_..., and two
+# ranks agreeing on a failed save is test_checkpoint_library_hardening's two-process test.
+@pytest.mark.slow
 def test_a_failed_write_stops_both_processes_in_one_line(tmp_path):
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
     command = [*two_process_command(run_dir, "--max-steps", "3"), "--checkpoint-every", "2"]

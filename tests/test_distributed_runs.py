@@ -79,6 +79,7 @@ def test_two_process_run_resumes_bitwise(two_process_run, tmp_path):
     assert_same_run(run_dir, two_process_run)
 
 
+@pytest.mark.slow  # 22 s; a resume on another world size is a documented limit, not a guarantee
 def test_resumed_on_more_processes_mid_epoch_the_epochs_loss_counts_its_first_steps(two_process_run, tmp_path):
     # Rank 1 has no loss sum of its own in a one-process checkpoint: it counted 0, and the
     # mean over ranks halved the first steps' share of the epoch's loss.

@@ -405,6 +405,7 @@ def _max_abs_difference(path_a: Path, path_b: Path) -> float:
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
+@pytest.mark.slow  # 18 s: it measures a tolerance; the same samples at any world size is tested in make test
 def test_weights_agree_within_tolerance_across_world_sizes(tmp_path):
     script = tmp_path / "ddp_training.py"
     script.write_text(DDP_TRAINING)
