@@ -45,7 +45,15 @@ from cifar.build import (
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
 from cifar.data import DataError, load_splits
-from cifar.outputs import MetricsLog, clear_run_dir, resolve_config, run_dir_of, write_config, write_weights
+from cifar.outputs import (
+    MetricsLog,
+    RunFolderError,
+    clear_run_dir,
+    resolve_config,
+    run_dir_of,
+    write_config,
+    write_weights,
+)
 from cifar.plots import plot_curves
 from cifar.tta import tta_logits
 from repro.checkpoint import CheckpointError
@@ -55,7 +63,7 @@ from repro.fingerprint import environment_fingerprint
 from repro.manifest import CURVES_FILE, METRICS_FILE, WEIGHTS_FILE, write_manifest
 from repro.seeding import seed_everything
 from repro.seeds import SeedPlan
-from repro.stop import GracefulStop
+from repro.stop import JOB_STOP_SIGNALS, GracefulStop
 from repro.trace import StepTracer, TraceSettingError
 from repro.weights import state_dict_sha256
 
@@ -103,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     tracking.init_trackers(accelerator, run_dir, progress.step)
     accelerator.wait_for_everyone()
 
-    # SIGTERM (a scheduler's preemption) and SIGINT stop the run after its current step, with a checkpoint.
-    with GracefulStop() as stop:
+    # A scheduler's SIGTERM (or the SIGUSR1 it sends first), Ctrl-C and SIGHUP stop the run after its
+    # current step, with a checkpoint.
+    with GracefulStop(signals=JOB_STOP_SIGNALS) as stop:
         result, stopped_by = train(training, train_batches, test_batches, metrics, progress, loss_sum, tracer, stop)
     if stopped_by is None:
         save(training, seeds, determinism, result, progress)
@@ -326,7 +335,6 @@ def save(
     model_state = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
     if not accelerator.is_main_process:
         return
-    write_weights(run_dir / WEIGHTS_FILE, model_state)
     manifest = {
         "seed": config.seed,
         "seeds": seeds.as_dict(),
@@ -343,8 +351,16 @@ def save(
         "environment": training.environment,
         "config": config_to_dict(config),
     }
-    write_manifest(run_dir, manifest, RESULT_NEUTRAL_KEYS)
-    if progress.records and not plot_curves(progress.records, run_dir / CURVES_FILE):
+    try:
+        write_weights(run_dir / WEIGHTS_FILE, model_state)
+        write_manifest(run_dir, manifest, RESULT_NEUTRAL_KEYS)
+        curves_written = not progress.records or plot_curves(progress.records, run_dir / CURVES_FILE)
+    except OSError as error:  # a full disk: the last checkpoint holds the result, and a resume writes it
+        raise RunFolderError(
+            f"cannot write the run's final files in {run_dir} ({error.strerror or error}); its last checkpoint "
+            f"holds the result: make room, then python train.py --resume latest --output-dir {run_dir}"
+        ) from None
+    if not curves_written:
         print(f"{CURVES_FILE} not written: matplotlib is not installed")
 
 

@@ -39,6 +39,7 @@ from repro.distributed import launcher_world_size
 from repro.loader import GlobalBatchSampler, WorkerSeeder
 from repro.manifest import CHECKPOINTS_DIR
 from repro.seeds import TEST_LOADER_STREAM, TRAIN_LOADER_STREAM, SeedPlan
+from repro.stop import JOB_STOP_SIGNALS, IgnoreStopSignals
 
 
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
@@ -143,7 +144,8 @@ def build_loaders(
         "num_workers": config.num_workers,
         "pin_memory": accelerator.device.type == "cuda",
         "persistent_workers": config.num_workers > 0,
-        "worker_init_fn": WorkerSeeder(seeds, rank),
+        # A stop signal sent to the process group must not kill the workers: the run stops after its step.
+        "worker_init_fn": IgnoreStopSignals(WorkerSeeder(seeds, rank), JOB_STOP_SIGNALS),
     }
     train_loader = DataLoader(
         train_set, batch_sampler=sampler, generator=seeds.generator(TRAIN_LOADER_STREAM, rank), **common

@@ -16,7 +16,8 @@ Each concern lives in its own module:
 - :mod:`repro.audit`: modules with no deterministic CUDA implementation
 - :mod:`repro.weights`: hashes of model weights
 - :mod:`repro.trace`: per-step traces for the run-twice verifier
-- :mod:`repro.stop`: stopping after the current step on SIGTERM/SIGINT (:class:`GracefulStop`)
+- :mod:`repro.stop`: stopping after the current step on SIGTERM/SIGINT (:class:`GracefulStop`), and
+  DataLoader workers that a signal to the process group does not kill (:class:`IgnoreStopSignals`)
 - :mod:`repro.manifest`: the run folder's file names, the manifest's writing and reading
 - :mod:`repro.files`: bounded readers of a run folder's files (JSON, YAML, safetensors), atomic writes
 - :mod:`repro.verify`, :mod:`repro.compare`, :mod:`repro.reproduce`: ``python -m repro verify / compare /
@@ -61,6 +62,8 @@ _EXPORTS = {
     "tensor_digests": "repro.weights",
     "StepTracer": "repro.trace",
     "GracefulStop": "repro.stop",
+    "IgnoreStopSignals": "repro.stop",
+    "JOB_STOP_SIGNALS": "repro.stop",
     "write_manifest": "repro.manifest",
     "read_manifest": "repro.manifest",
 }

@@ -1,8 +1,9 @@
 """Stopping a run gracefully: after the current step, on every rank at once.
 
 Cluster schedulers send SIGTERM (SLURM can be told to send another signal
-first) some time before they kill a job, and a user stops a run with Ctrl-C
-(SIGINT). Python's defaults end the process at once, mid-step, and whatever
+first, often SIGUSR1) some time before they kill a job, and a user stops a run
+with Ctrl-C (SIGINT) or by closing its terminal (SIGHUP); ``JOB_STOP_SIGNALS``
+names them all. Python's defaults end the process at once, mid-step, and whatever
 the last checkpoint missed is lost. :class:`GracefulStop` turns these signals
 into a request that the training loop reads between steps, so the run can
 finish its step, write a checkpoint and exit, to be resumed exactly.
@@ -20,12 +21,15 @@ step it just queued, on every step.
             if stop.agreed():
                 save_checkpoint()
                 break
+
+A DataLoader's workers get the signal too when it goes to the whole process
+group: give them :class:`IgnoreStopSignals` as their ``worker_init_fn``.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -33,8 +37,38 @@ import torch
 import torch.distributed as dist
 
 _UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
+# What stops a job: a scheduler's SIGTERM (SLURM's scancel and time limit), the signal it can be
+# told to send first (`#SBATCH --signal=USR1@120`), Ctrl-C, and a closed terminal (SIGHUP).
+JOB_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 # Backends whose all-reduce runs on CPU tensors, without a device synchronisation.
 _CPU_BACKENDS = ("gloo", "mpi")
+
+
+class IgnoreStopSignals:
+    """A DataLoader ``worker_init_fn`` that ignores the stop signals in each worker, then runs
+    the ``worker_init_fn`` it wraps (a :class:`repro.loader.WorkerSeeder`).
+
+    When: pass it as ``worker_init_fn=`` to every DataLoader with workers in a loop that
+    stops with :class:`GracefulStop`. Why: a scheduler or a terminal signals the whole
+    process group, workers included. torch's workers die of SIGTERM (and a worker dies of
+    any other stop signal by default), and the main process then raises "DataLoader worker
+    is killed by signal" mid-step, before it can checkpoint. Ignoring them, the workers go
+    on serving batches until the main process stops after its step and shuts them down.
+
+    Args:
+        init: the ``worker_init_fn`` to run after, or None.
+        signals: the signals to ignore: those the loop's :class:`GracefulStop` catches.
+    """
+
+    def __init__(self, init: Callable[[int], None] | None = None, signals: Sequence[int] = JOB_STOP_SIGNALS) -> None:
+        self.init = init
+        self.signals = tuple(signal.Signals(number) for number in signals)
+
+    def __call__(self, worker_id: int) -> None:
+        for number in self.signals:
+            signal.signal(number, signal.SIG_IGN)
+        if self.init is not None:
+            self.init(worker_id)
 
 
 class GracefulStop:

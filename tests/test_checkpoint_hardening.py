@@ -246,6 +246,14 @@ def test_read_only_folder_and_full_disk_fail_in_one_line_and_lose_nothing(many_c
     result = resume_in(run_dir)  # space freed
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(run_dir, reference_run)
+    # The disk fills after the last checkpoint, as the final files are written: one line, and a resume writes them.
+    for name in ("manifest.json", "model.safetensors", "curves.png"):
+        (run_dir / name).unlink()
+    result = resume_in(run_dir, limit_file_size)
+    assert_one_line_error(result, f"cannot write the run's final files in {run_dir} (File too large)")
+    result = resume_in(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(run_dir, reference_run)
 
 
 # Slow (30 s): in make test, one process's failed write is test_read_only_folder_and_full_disk_..., and two

@@ -204,3 +204,20 @@ def test_yaml_tag_in_a_config_never_runs(tmp_path):
 def test_resume_latest_without_checkpoint_is_an_error(tmp_path):
     result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), "--resume", "latest")
     assert result.returncode == 2 and "--resume latest: no checkpoint in" in result.stderr
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_process_group_stops_a_run_with_workers_at_a_step(tmp_path, stop_signal):
+    # scancel and SLURM's time limit signal every process of the job, DataLoader workers included
+    # (torch's die of SIGTERM); `#SBATCH --signal=USR1@120` sends SIGUSR1 first.
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *TINY, *DATALOADER, "--num-workers", "2", "--checkpoint-every", "1",
+         "--output-dir", str(run_dir)],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    wait_for_checkpoint(run_dir, process)
+    os.killpg(process.pid, stop_signal)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + stop_signal, output[-2000:]
+    assert f"stopped by {stop_signal.name} at step" in output and "killed by signal" not in output
