@@ -9,19 +9,24 @@ epoch end), save. The pieces live in cifar/ (this pipeline) and repro/ (the
 library); every random stream is derived from one seed (README.md, Guarantees).
 """
 
+import sys
+
 import repro.hashseed
 
 if __name__ == "__main__":
     # PYTHONHASHSEED is read only when the interpreter starts, so re-execute with
     # it set now, before the heavy imports below make the re-execution expensive.
     # Importing this module (a benchmark, your own script) re-executes nothing.
-    repro.hashseed.ensure_hash_seed()
+    try:
+        repro.hashseed.ensure_hash_seed()
+    except RuntimeError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 import contextlib
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace

@@ -26,6 +26,8 @@ def hash_seed_is_fixed() -> bool:
     also checks that it is a decimal integer (not ``random``) and was
     inherited rather than set after start-up.
     """
+    if sys.flags.ignore_environment:  # python -E or -I: the variable is there, but hash() ignored it
+        return False
     value = os.environ.get("PYTHONHASHSEED", "")
     return value.isdigit() and value == _STARTUP_HASH_SEED
 
@@ -48,10 +50,15 @@ def ensure_hash_seed(value: str = DEFAULT_HASH_SEED) -> None:
     Raises:
         ValueError: ``value`` is not a decimal integer in [0, 4294967295].
         RuntimeError: the program cannot be re-executed (an interactive
-            session, or an embedded interpreter).
+            session, or an embedded interpreter), or runs under ``python -E``
+            or ``-I``, which ignore ``PYTHONHASHSEED`` in the re-executed one too.
     """
     if not value.isdigit() or int(value) > 4294967295:
         raise ValueError(f"PYTHONHASHSEED must be an integer in [0, 4294967295], got {value!r}")
+    if sys.flags.ignore_environment:
+        raise RuntimeError(
+            "python -E and -I ignore PYTHONHASHSEED, so hash() of a string changes from run to run; run without them"
+        )
     if hash_seed_is_fixed():
         return
     argv = getattr(sys, "orig_argv", None)

@@ -49,3 +49,22 @@ def test_effective_under_torchrun_in_every_process(tmp_path):
     assert [line.split()[0] for line in first] == ["0", "1"]
     assert first == second
     assert first[0].split(maxsplit=1)[1] == first[1].split(maxsplit=1)[1]
+
+
+def test_python_dash_e_is_refused_for_it_ignores_the_variable(tmp_path):
+    # -E ignores PYTHONHASHSEED: the variable would be set and recorded, and hash() random all the same.
+    fixed = subprocess.run(
+        [sys.executable, "-E", "-c", "import repro.hashseed as h; print(h.hash_seed_is_fixed())"],
+        cwd=REPO, env=clean_env(PYTHONHASHSEED="0"), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert fixed.stdout.strip() == "False"
+    result = subprocess.run(
+        [sys.executable, "-E", str(REPO / "train.py"), "--output-dir", str(tmp_path / "run")],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "train.py: error: python -E and -I ignore PYTHONHASHSEED, so hash() of a string changes from run to run; "
+        "run without them\n"
+    )
+    assert not (tmp_path / "run").exists()
