@@ -10,6 +10,7 @@ sample index).
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # The largest image an image folder may hold, in pixels (8192x8192: 192 MiB decoded as RGB).
 # Every image is shrunk to 32x32, so a larger one adds nothing but memory and time.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# PIL's modes of 16-bit grey pixels (PNG, TIFF): Image.convert("RGB") clips them at 255.
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 # Per-channel statistics of the training sets, on the 0-1 scale.
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -137,13 +140,18 @@ def cifar(name: str, data_dir: str) -> Splits:
     return Splits(_from_hwc(train.data, train.targets), _from_hwc(test.data, test.targets), num_classes, mean, std)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """One image file as a uint8 RGB array (32, 32, 3), resized when it is not 32x32.
+def _read_image(path: Path, content: bytes) -> np.ndarray:
+    """The bytes ``content`` of the image file ``path`` as a uint8 RGB array (32, 32, 3),
+    resized when it is not 32x32.
 
+    Decoded from the bytes the caller read (and hashed for the cache key), not from the
+    file again: a file replaced meanwhile cannot give pixels that its key does not name.
     The pixel count is checked from the file's header before any pixel is
     decoded: a file of a few kilobytes can declare billions of pixels (a
     decompression bomb). PIL's own limits would still decode up to about 179
-    million pixels, with only a warning above 89 million.
+    million pixels, with only a warning above 89 million. 16-bit grey pixels
+    keep their top 8 bits; 32-bit integer and float pixels (modes I and F) are
+    refused: they have no one scale to bring to 8 bits.
     """
     from PIL import Image
 
@@ -154,9 +162,16 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(content)) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise too_large
+                if image.mode in ("I", "F"):
+                    raise DataError(
+                        f"image {path} has 32-bit {'float' if image.mode == 'F' else 'integer'} pixels "
+                        f"(PIL mode {image.mode}), which have no one scale to 8 bits; convert it to 8 bits first"
+                    )
+                if image.mode in SIXTEEN_BIT_GREY_MODES:
+                    image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))  # 8-bit grey (mode L)
                 image = image.convert("RGB")
                 if image.size != (IMAGE_SIZE, IMAGE_SIZE):
                     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
@@ -171,27 +186,59 @@ def _read_image(path: Path) -> np.ndarray:
         raise DataError(f"unreadable image {path}") from None
 
 
+def _listing_of(folder: Path) -> list[Path]:
+    """The entries of ``folder`` but hidden ones (a name starting with "."): a ``.thumbs`` or
+    ``.ipynb_checkpoints`` folder is no class, a ``._x.jpg`` resource fork no image."""
+    try:
+        return [path for path in folder.iterdir() if not path.name.startswith(".")]
+    except OSError as error:
+        raise DataError(f"cannot read {folder}: {error.strerror or error}") from None
+
+
+def _classes_in(split_dir: Path) -> list[str]:
+    """The sorted names of the sub-folders of ``split_dir``, hidden ones skipped."""
+    return sorted(path.name for path in _listing_of(split_dir) if path.is_dir())
+
+
 def _list_folder(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     """Every image file of ``split_dir/<class>/``, in order, with its class's index in ``classes``.
 
     A class folder without images is an error, in train/ as in test/: a class that
     is never trained on, or never tested, is a mistake in the folder, not a class.
+    So is a broken symbolic link named like an image: an image the user meant, missing.
     """
     listing = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
+        files = []
+        for path in _listing_of(class_dir):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                raise DataError(f"image {path} is a broken symbolic link: its target does not exist")
+            # Anything else (a sub-folder, even one named like an image) is ignored.
         # By name: the order of the paths themselves (one folder), without pathlib's slow comparisons.
-        # A sub-folder is ignored, whatever its name.
-        images = (p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        files = sorted(images, key=lambda p: p.name)
+        files.sort(key=lambda p: p.name)
         if not files:
             raise DataError(f"no images in class folder {class_dir} (expected {', '.join(IMAGE_SUFFIXES)} files)")
         listing += [(path, label) for path in files]
     return listing
 
 
-def _decode(listing: list[tuple[Path, int]]) -> ImageArray:
-    return _from_hwc(np.stack([_read_image(path) for path, _ in listing]), [label for _, label in listing])
+def _decode(listing: list[tuple[Path, int]], key: data_cache.FolderHash | None = None) -> ImageArray:
+    """Read and decode each file of ``listing`` once; with ``key``, hash the bytes decoded into it."""
+    images = []
+    for path, _ in listing:
+        try:
+            content = path.read_bytes()
+        except OSError:
+            raise DataError(f"unreadable image {path}") from None
+        if key is not None:
+            key.add(path, content)
+        images.append(_read_image(path, content))
+    return _from_hwc(np.stack(images), [label for _, label in listing])
 
 
 def imagefolder(data_dir: str, cache: Path | None = None) -> Splits:
@@ -215,10 +262,10 @@ def imagefolder(data_dir: str, cache: Path | None = None) -> Splits:
             raise DataError(
                 f"image folder {root} has no {split_dir.name}/ folder (expected train/<class>/ and test/<class>/)"
             )
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    classes = _classes_in(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class folders (expected {train_dir}/<class>/*.jpg)")
-    test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    test_classes = _classes_in(test_dir)
     if test_classes != classes:
         raise DataError(f"{test_dir} has classes {test_classes}, but {train_dir} has {classes}")
     train_files, test_files = _list_folder(train_dir, classes), _list_folder(test_dir, classes)
@@ -234,8 +281,13 @@ def imagefolder(data_dir: str, cache: Path | None = None) -> Splits:
             if _checksum(splits) == found[1]:
                 splits.source = f"image folder {root}: decoded images read from {entry}"
                 return splits
-    splits = _splits_of(_decode(train_files), _decode(test_files), len(classes))
-    if cache is not None:
+    # The entry is filed under the key of the bytes decoded, which differs from the key looked
+    # up only when a file changed in between: then it is the key of the pixels it holds.
+    decoded_key = None if cache is None else data_cache.FolderHash(root, classes)
+    splits = _splits_of(_decode(train_files, decoded_key), _decode(test_files, decoded_key), len(classes))
+    if decoded_key is not None:
+        key = decoded_key.hexdigest()
+        entry = data_cache.entry_path(cache, key)
         failure = data_cache.store(cache, key, _arrays_of(splits), _checksum(splits))
         outcome = f"cached in {entry}" if failure is None else f"not cached ({failure})"
         splits.source = f"image folder {root}: decoded {len(train_files) + len(test_files)} images, {outcome}"

@@ -37,8 +37,9 @@ import numpy as np
 
 # Change this whenever decoding changes (cifar/data.py's _read_image: conversion,
 # resizing, size) or what an entry holds (_ARRAYS): entries of the old code then
-# no longer match, and are never read as the new code's.
-DECODE_VERSION = 2
+# no longer match, and are never read as the new code's. 3: 16-bit grey images keep
+# their top 8 bits (version 2 clipped them at 255), 32-bit ones are refused.
+DECODE_VERSION = 3
 AUTO = "auto"  # the default folder: $XDG_CACHE_HOME/repro, else ~/.cache/repro
 OFF = "none"
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "mean", "std")
@@ -70,22 +71,42 @@ def _decoder() -> bytes:
     return f"decode={DECODE_VERSION};pillow={__version__};{';'.join(libraries)}".encode()
 
 
+class FolderHash:
+    """The key of a folder's entry, built file by file: SHA-256 over the decoder, the classes,
+    and each file's path under ``root`` and bytes, in the order :meth:`add` is called.
+
+    A caller that decodes a file hashes the very bytes it decodes (:meth:`add`, then decode
+    them): a file replaced between two reads can then never file its new pixels under its
+    old bytes' key.
+    """
+
+    def __init__(self, root: Path, classes: list[str]) -> None:
+        self._digest = hashlib.sha256(_decoder())
+        # Names as the file system holds them: os.fsencode keeps names that are not UTF-8.
+        self._digest.update(b"\0".join(os.fsencode(name) for name in classes) + b"\0\0")
+        self._depth = len(root.parts)
+
+    def add(self, path: Path, content: bytes) -> None:
+        """Hash the next file: ``path`` (its path under root names it) and its bytes ``content``."""
+        name = os.fsencode("/".join(path.parts[self._depth :]))  # its path under root; relative_to() is slower
+        # Lengths first: no two listings of names and bytes hash the same stream.
+        self._digest.update(len(name).to_bytes(8, "little") + name + len(content).to_bytes(8, "little"))
+        self._digest.update(content)
+
+    def hexdigest(self) -> str:
+        """The key of the files added so far."""
+        return self._digest.hexdigest()
+
+
 def folder_key(root: Path, classes: list[str], files: Iterable[Path]) -> str:
-    """SHA-256 over the decoder, the classes, and each file's path under ``root`` and bytes, in order.
+    """The :class:`FolderHash` key of ``files``, in order: the entry to look for before decoding.
 
     Reads every file; an ``OSError`` reading one propagates to the caller, which names the file.
     """
-    digest = hashlib.sha256(_decoder())
-    # Names as the file system holds them: os.fsencode keeps names that are not UTF-8.
-    digest.update(b"\0".join(os.fsencode(name) for name in classes) + b"\0\0")
-    depth = len(root.parts)
+    key = FolderHash(root, classes)
     for path in files:
-        content = path.read_bytes()
-        name = os.fsencode("/".join(path.parts[depth:]))  # its path under root; relative_to() is slower
-        # Lengths first: no two listings of names and bytes hash the same stream.
-        digest.update(len(name).to_bytes(8, "little") + name + len(content).to_bytes(8, "little"))
-        digest.update(content)
-    return digest.hexdigest()
+        key.add(path, path.read_bytes())
+    return key.hexdigest()
 
 
 def entry_path(folder: Path, key: str) -> Path:

@@ -152,7 +152,9 @@ def test_an_entry_whose_arrays_fail_their_checksum_is_not_used(tmp_path, monkeyp
     with entry.open("wb") as file:
         np.savez(file, checksum=np.array(checksum), **arrays)
     reread = []
-    monkeypatch.setattr(data, "_read_image", lambda path: reread.append(path) or np.zeros((32, 32, 3), np.uint8))
+    monkeypatch.setattr(
+        data, "_read_image", lambda path, content: reread.append(path) or np.zeros((32, 32, 3), np.uint8)
+    )
     assert ", cached in " in imagefolder(str(folder), cache).source
     assert len(reread) == 32  # decoded again, not taken from the entry
 
@@ -175,3 +177,23 @@ def test_the_cache_setting(tmp_path, monkeypatch):
     assert data_cache.cache_dir("~/decoded") == tmp_path / "home" / "decoded"
     with pytest.raises(ValueError, match="empty"):
         data_cache.cache_dir("")
+
+
+def test_a_file_replaced_after_hashing_never_files_its_pixels_under_its_old_bytes(tmp_path, monkeypatch):
+    folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"
+    image = folder / "test" / "dog" / "7.png"
+    original = image.read_bytes()
+    hash_files = data_cache.folder_key
+
+    def replace_after_hashing(*args):
+        # A monkeypatch, since no timing can be sure to land there: the real hash, then the file
+        # replaced, as another process may do while the run decodes.
+        key = hash_files(*args)
+        Image.new("RGB", (32, 32), (7, 7, 7)).save(image)
+        return key
+
+    monkeypatch.setattr(data_cache, "folder_key", replace_after_hashing)
+    imagefolder(str(folder), cache)
+    monkeypatch.undo()
+    image.write_bytes(original)  # the folder as it was when hashed
+    assert same_data(imagefolder(str(folder), cache), imagefolder(str(folder)))

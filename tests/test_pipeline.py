@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
+import numpy as np
 import pytest
 from conftest import REPO, TINY, clean_env, make_folder, read_manifest, run_train, train_ok
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from cifar.data import imagefolder
+from cifar.data import DataError, imagefolder
 
 IMAGEFOLDER = ["--dataset", "imagefolder", "--model", "small_cnn", "--epochs", "1", "--batch-size", "8",
                "--num-workers", "0", "--lr", "0.05"]  # fmt: skip
@@ -167,3 +171,79 @@ def test_batch_that_does_not_split_into_chunks_is_a_usage_error(tmp_path):
 
 def test_tensorboard_events_are_written_when_installed(reference_run):
     assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_16_bit_grey_images_keep_their_top_8_bits(tmp_path):
+    data = make_folder(tmp_path / "data")
+    grey = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0 to 61380
+    Image.fromarray(grey).save(data / "train" / "cat" / "0.png")  # PIL mode I;16; 0.tif sorts next
+    Image.frombytes("I;16B", (32, 32), grey.astype(">u2").tobytes()).save(data / "train" / "cat" / "0.tif")
+    loaded = imagefolder(str(data)).train.images
+    for index in (0, 1):
+        assert (loaded[index].numpy() == (grey >> 8).astype(np.uint8)).all()  # each channel
+
+
+@pytest.mark.parametrize(("mode", "pixels"), [("I", np.int32), ("F", np.float32)])
+def test_32_bit_images_are_refused_naming_the_file_and_mode(tmp_path, mode, pixels):
+    data = make_folder(tmp_path / "data")
+    image = data / "test" / "dog" / "2.tif"
+    Image.fromarray(np.linspace(0, 1, 32 * 32).reshape(32, 32).astype(pixels)).save(image)
+    with pytest.raises(DataError, match=f"image {image} has 32-bit .* mode {mode}\\)"):
+        imagefolder(str(data))
+
+
+def test_a_broken_link_named_like_an_image_is_refused(tmp_path):
+    data = make_folder(tmp_path / "data")
+    link = data / "train" / "dog" / "lost.jpg"
+    link.symlink_to(tmp_path / "elsewhere.jpg")
+    with pytest.raises(DataError, match=f"image {link} is a broken symbolic link"):
+        imagefolder(str(data))
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    plain = imagefolder(str(make_folder(tmp_path / "plain")))
+    data = make_folder(tmp_path / "data")
+    for split in ("train", "test"):
+        (data / split / ".ipynb_checkpoints").mkdir()
+        (data / split / ".ipynb_checkpoints" / "0.png").write_bytes((data / split / "cat" / "0.png").read_bytes())
+    (data / "train" / "cat" / "._0.png").write_bytes(b"a macOS resource fork, not an image")
+    hidden = imagefolder(str(data))
+    assert hidden.num_classes == 2 and hidden.fingerprint() == plain.fingerprint()
+
+
+def without_reading_rights() -> list[str]:
+    """A command prefix under which a chmod 000 folder cannot be read, even by root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: every folder is readable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_unreadable_folders_get_a_clear_error(tmp_path):
+    data = make_folder(tmp_path / "data")
+    prefix = without_reading_rights()
+    (data / "test" / "cat").chmod(0)
+    result = subprocess.run(
+        [*prefix, sys.executable, str(REPO / "train.py"), *IMAGEFOLDER, "--data-dir", str(data),
+         "--output-dir", str(tmp_path / "run")],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == f"train.py: error: cannot read {data}/test/cat: Permission denied"
+    (data / "test" / "cat").chmod(0o755)
+    # train/ and test/ themselves, in one process (the folders are the caller's, so it may chmod them).
+    check = """import sys
+from pathlib import Path
+from cifar.data import DataError, imagefolder
+for split in ("train", "test"):
+    (Path(sys.argv[1]) / split).chmod(0)
+    try:
+        imagefolder(sys.argv[1])
+    except DataError as error:
+        print(error)
+    (Path(sys.argv[1]) / split).chmod(0o755)
+"""
+    read = subprocess.run([*prefix, sys.executable, "-c", check, str(data)], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert read.stdout.splitlines() == [f"cannot read {data}/{split}: Permission denied" for split in ("train", "test")]
