@@ -44,7 +44,7 @@ from cifar.build import (
 )
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
-from cifar.data import DataError, load_splits
+from cifar.data import DataError, load_splits_on_every_rank
 from cifar.outputs import MetricsLog, clear_run_dir, resolve_config, run_dir_of, write_config, write_weights
 from cifar.plots import plot_curves
 from cifar.tta import tta_logits
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = claim_run_folder(config, accelerator)
 
     sizes = (config.synthetic_train_size, config.synthetic_test_size)
-    splits = load_splits(config.dataset, config.data_dir, sizes, data_cache.cache_dir(config.data_cache))
+    splits = load_splits_on_every_rank(config.dataset, config.data_dir, sizes, data_cache.cache_dir(config.data_cache))
     if splits.source:
         accelerator.print(splits.source)
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
