@@ -50,7 +50,7 @@ from cifar.plots import plot_curves
 from cifar.tta import tta_logits
 from repro.checkpoint import CheckpointError
 from repro.determinism import configure_determinism
-from repro.distributed import get_rank
+from repro.distributed import LauncherVariableError, get_rank
 from repro.fingerprint import environment_fingerprint
 from repro.manifest import CURVES_FILE, METRICS_FILE, WEIGHTS_FILE, write_manifest
 from repro.seeding import seed_everything
@@ -351,7 +351,7 @@ def save(
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, UsageError, CheckpointError, TraceSettingError) as error:
+    except (ConfigError, DataError, UsageError, CheckpointError, TraceSettingError, LauncherVariableError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:
