@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Destroy the process groups on every path: a gloo worker thread still alive when the
     # interpreter shuts down can abort the process (SIGABRT) as it lets go of a tensor.
+    tracking.finish_trackers(accelerator)
     accelerator.end_training()
     return 0 if stopped_by is None else 128 + stopped_by
 
@@ -249,7 +250,7 @@ def finish_epoch(
     )
     if progress.position == len(training.sampler):
         # Only a whole epoch's record goes to the tracker: a resumed run would not log a partial one again.
-        accelerator.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
+        tracking.log(accelerator, {k: v for k, v in record.items() if k not in ("epoch", "step")}, progress.step)
         progress.records.append(record)
         progress.epoch, progress.position = epoch + 1, 0
         loss_sum.zero_()
