@@ -49,7 +49,7 @@ from cifar.build import (
 )
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
-from cifar.data import DataError, load_splits
+from cifar.data import DataError, load_splits_on_every_rank
 from cifar.outputs import (
     MetricsLog,
     RunFolderError,
@@ -63,7 +63,7 @@ from cifar.plots import plot_curves
 from cifar.tta import tta_logits
 from repro.checkpoint import CheckpointError
 from repro.determinism import configure_determinism
-from repro.distributed import get_rank
+from repro.distributed import LauncherVariableError, get_rank
 from repro.fingerprint import environment_fingerprint
 from repro.manifest import CURVES_FILE, METRICS_FILE, WEIGHTS_FILE, write_manifest
 from repro.seeding import seed_everything
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = claim_run_folder(config, accelerator)
 
     sizes = (config.synthetic_train_size, config.synthetic_test_size)
-    splits = load_splits(config.dataset, config.data_dir, sizes, data_cache.cache_dir(config.data_cache))
+    splits = load_splits_on_every_rank(config.dataset, config.data_dir, sizes, data_cache.cache_dir(config.data_cache))
     if splits.source:
         accelerator.print(splits.source)
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Destroy the process groups on every path: a gloo worker thread still alive when the
     # interpreter shuts down can abort the process (SIGABRT) as it lets go of a tensor.
+    tracking.finish_trackers(accelerator)
     accelerator.end_training()
     return 0 if stopped_by is None else 128 + stopped_by
 
@@ -263,7 +264,7 @@ def finish_epoch(
     )
     if progress.position == len(training.sampler):
         # Only a whole epoch's record goes to the tracker: a resumed run would not log a partial one again.
-        accelerator.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
+        tracking.log(accelerator, {k: v for k, v in record.items() if k not in ("epoch", "step")}, progress.step)
         progress.records.append(record)
         progress.epoch, progress.position = epoch + 1, 0
         loss_sum.zero_()
@@ -372,7 +373,7 @@ def save(
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, UsageError, CheckpointError, TraceSettingError) as error:
+    except (ConfigError, DataError, UsageError, CheckpointError, TraceSettingError, LauncherVariableError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:

@@ -321,6 +321,46 @@ def _splits_from_arrays(arrays: dict[str, np.ndarray], num_classes: int) -> Spli
     return Splits(train, test, num_classes, tuple(map(float, arrays["mean"])), tuple(map(float, arrays["std"])))
 
 
+def load_splits_on_every_rank(
+    dataset: str, data_dir: str, synthetic_sizes: tuple[int, int], cache: Path | None = None
+) -> Splits:
+    """:func:`load_splits` on this process, then checked against every other process's data.
+
+    Each machine of a multi-node run reads its own copy of ``--data-dir``; a copy
+    that differs would train the ranks on different data without a word, and the
+    manifest records rank 0's data only. So the ranks exchange their data's
+    fingerprint and statistics, and every rank raises :class:`DataError` naming
+    the ranks that differ. A rank whose data fails to load sends its error
+    instead, so the others stop with it rather than wait for it. Call it on
+    every process at the same point (a collective when torch.distributed is
+    initialised; alone, it only loads).
+    """
+    splits, error = None, None
+    try:
+        splits = load_splits(dataset, data_dir, synthetic_sizes, cache)
+    except DataError as failure:
+        error = str(failure)
+    identity = None if splits is None else (splits.fingerprint(), splits.mean, splits.std)
+    gathered = [(identity, error)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (identity, error))
+    failures = [(rank, message) for rank, (_, message) in enumerate(gathered) if message]
+    if failures:
+        rank, message = failures[0]
+        raise DataError(message if len(gathered) == 1 else f"rank {rank}: {message}")
+    ranks_by_identity: dict[tuple, list[int]] = {}
+    for rank, (seen, _) in enumerate(gathered):
+        ranks_by_identity.setdefault(seen, []).append(rank)
+    if len(ranks_by_identity) > 1:
+        groups = "; ".join(
+            f"rank {','.join(map(str, ranks))}: data {fingerprint[:16]} mean {mean} std {std}"
+            for (fingerprint, mean, std), ranks in ranks_by_identity.items()
+        )
+        raise DataError(f"the processes loaded different data ({groups}): give every machine the same data")
+    return splits
+
+
 def load_splits(dataset: str, data_dir: str, synthetic_sizes: tuple[int, int], cache: Path | None = None) -> Splits:
     """Load the named dataset; raises :class:`DataError` with a one-line reason. ``cache``: the
     folder of decoded image folders (:func:`imagefolder`), unused by the other datasets."""

@@ -8,6 +8,8 @@ end, a checkpoint), so logging them costs the step loop no wait for the GPU.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,15 +78,54 @@ def init_trackers(accelerator: Accelerator, run_dir: Path, resumed_step: int) ->
         return
     tracker = str(accelerator.log_with[0])
     if tracker == "tensorboard":
-        accelerator.init_trackers(TENSORBOARD_DIR, init_kwargs={"tensorboard": {"purge_step": resumed_step + 1}})
-        return
-    # wandb's project and mlflow's and aim's experiment are "cifar"; the tracker's run is named after the run folder.
-    project, kwargs = {
-        "wandb": ("cifar", {"name": run_dir.name}),
-        "mlflow": ("cifar", {"run_name": run_dir.name}),
-        "aim": (run_dir.name, {"experiment": "cifar"}),  # accelerate names aim's run after the project
-    }[tracker]
-    accelerator.init_trackers(project, init_kwargs={tracker: kwargs})
+        project, kwargs = TENSORBOARD_DIR, {"purge_step": resumed_step + 1}
+    else:
+        # wandb's project and mlflow's and aim's experiment are "cifar"; the tracker's run is named after the run.
+        project, kwargs = {
+            "wandb": ("cifar", {"name": run_dir.name}),
+            "mlflow": ("cifar", {"run_name": run_dir.name}),
+            "aim": (run_dir.name, {"experiment": "cifar"}),  # accelerate names aim's run after the project
+        }[tracker]
+    try:
+        accelerator.init_trackers(project, init_kwargs={tracker: kwargs})
+    except OSError as error:
+        drop_trackers(accelerator, error)
+
+
+def log(accelerator: Accelerator, values: dict[str, float], step: int) -> None:
+    """``accelerator.log``, except that a tracker that cannot write (a full disk, an unwritable
+    folder) is dropped with one line instead of ending the run (:func:`drop_trackers`)."""
+    try:
+        accelerator.log(values, step=step)
+    except OSError as error:
+        drop_trackers(accelerator, error)
+
+
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Close the trackers (their last writes), dropping them with one line if that fails;
+    call before ``accelerator.end_training()``, which then has no tracker left to close."""
+    trackers, accelerator.trackers = accelerator.trackers, []
+    for tracker in trackers:
+        try:
+            tracker.finish()
+        except OSError as error:
+            drop_trackers(accelerator, error)
+
+
+def drop_trackers(accelerator: Accelerator, error: OSError) -> None:
+    """Stop logging to the trackers after ``error``, with one line on stderr.
+
+    A tracker is a copy of metrics.jsonl for viewing: a failure to write it must
+    not stop the training, which would lose the steps since the last checkpoint.
+    Only the main process holds trackers, so the line is printed once.
+    """
+    trackers, accelerator.trackers = accelerator.trackers, []
+    for tracker in trackers:
+        # Its pending writes fail as its last one did; one whose start failed has no writer to close.
+        with contextlib.suppress(OSError, AttributeError):
+            tracker.finish()
+    names = ", ".join(str(name) for name in accelerator.log_with) or "tracker"
+    print(f"{names} stopped logging ({error}): metrics go to metrics.jsonl only; training goes on", file=sys.stderr)
 
 
 class StepLog:
@@ -117,5 +158,5 @@ class StepLog:
             return
         losses = accelerator.reduce(torch.stack(self.losses), reduction="mean").tolist()
         for step, loss, lr in zip(self.steps, losses, self.lrs, strict=True):
-            accelerator.log({"step/train_loss": loss, "step/lr": lr}, step=step)
+            log(accelerator, {"step/train_loss": loss, "step/lr": lr}, step)
         self.steps, self.losses, self.lrs = [], [], []

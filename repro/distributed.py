@@ -19,6 +19,14 @@ _LAUNCHER_VARIABLES = (
 )
 
 
+class LauncherVariableError(ValueError):
+    """A launcher variable (``RANK``, ``SLURM_NTASKS``, ...) holds something other than an integer.
+
+    Raised by the functions below when they read it: a mistake in the job's
+    environment, which a program reports as one line rather than a traceback.
+    """
+
+
 def _initialised_group() -> bool:
     try:
         import torch.distributed as dist
@@ -34,7 +42,7 @@ def _read_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+        raise LauncherVariableError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
 def get_rank() -> int:

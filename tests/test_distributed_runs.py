@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DATALOADER, REPO, TINY, clean_env, free_port, read_manifest, read_metrics, train_ok
+from conftest import DATALOADER, REPO, TINY, clean_env, free_port, make_folder, read_manifest, read_metrics, train_ok
 from test_resume import assert_same_run, wait_for_checkpoint
 from test_trackers import logged_scalars
 
@@ -167,3 +167,32 @@ def test_two_processes_log_each_step_once_as_the_mean_over_processes(two_process
     losses = [loss for _, loss in scalars["step/train_loss"]]
     for epoch, (_, train_loss) in enumerate(scalars["train_loss"]):
         assert sum(losses[epoch * 8 : (epoch + 1) * 8]) / 8 == pytest.approx(train_loss, rel=1e-5)
+
+
+def test_two_nodes_whose_data_copies_differ_stop_naming_both_ranks(tmp_path):
+    # Each "machine" reads its own copy of a relative --data-dir, from its own working folder.
+    port, run_dir = str(free_port()), tmp_path / "run"
+    launchers = []
+    for machine_rank in ("0", "1"):
+        machine = tmp_path / f"machine{machine_rank}"
+        make_folder(machine / "data", seed=int(machine_rank))  # machine 1's copy holds other images
+        command = [
+            ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+            "--machine_rank", machine_rank, "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+            str(REPO / "train.py"), *TINY, "--dataset", "imagefolder", "--data-dir", "data", "--data-cache", "none",
+            "--output-dir", str(run_dir),
+        ]  # fmt: skip
+        launchers.append(
+            subprocess.Popen(
+                command, cwd=machine, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    for launcher, (_, stderr) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode != 0, stderr[-2000:]
+        lines = [line for line in stderr.splitlines() if line.startswith("train.py: error: ")]
+        assert len(lines) == 1, stderr[-3000:]
+        assert "the processes loaded different data" in lines[0] and "rank 0: data " in lines[0], lines[0]
+        assert "rank 1: data " in lines[0], lines[0]
+        assert "exitcode  : 2" in stderr, stderr[-3000:]  # train.py's status for bad input, in torchrun's report
+    assert not (run_dir / "manifest.json").exists()

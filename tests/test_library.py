@@ -16,7 +16,7 @@ from torch import nn
 
 from repro.audit import audit_model
 from repro.determinism import configure_determinism
-from repro.distributed import get_local_rank, get_rank, get_world_size, launcher_world_size
+from repro.distributed import LauncherVariableError, get_local_rank, get_rank, get_world_size, launcher_world_size
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.report import short
 from repro.rng import capture_rng_state, restore_rng_state
@@ -105,6 +105,19 @@ def test_rank_detection_from_launcher_variables(monkeypatch, env, rank, world, l
         monkeypatch.setenv(name, value)
     assert (get_rank(), get_world_size(), get_local_rank()) == (rank, world, local)
     assert launcher_world_size() == (world if env else None)
+
+
+@pytest.mark.parametrize(
+    ("env", "bad"),
+    [({"RANK": "abc", "WORLD_SIZE": "1"}, "RANK"), ({"SLURM_PROCID": "0", "SLURM_NTASKS": "abc"}, "SLURM_NTASKS")],
+)
+def test_a_launcher_variable_that_is_not_an_integer_raises_its_own_error_naming_it(monkeypatch, env, bad):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LauncherVariableError, match=f"{bad} must be an integer, got 'abc'"):
+        (get_rank(), get_world_size())
 
 
 def test_rank_detection_uses_the_process_group_once_it_exists():

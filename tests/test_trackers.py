@@ -3,6 +3,7 @@ and a clear error for a tracker whose package is missing."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,17 @@ def test_each_tracker_is_checked_before_the_run_starts():
         choose_tracker("mlflow")
     with pytest.raises(TrackerUnavailableError, match=r"needs the aim package.*: pip install 'aim<4'$"):
         choose_tracker("aim")
+
+
+def test_a_tracker_that_cannot_write_is_dropped_with_one_line_and_the_run_goes_on(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    train_ok(run_dir, "--max-steps", "5", "--log-with", "tensorboard")
+    # A file where tensorboard's folder should be: the writer cannot start, even for root.
+    shutil.rmtree(run_dir / "tensorboard")
+    (run_dir / "tensorboard").write_text("not a folder")
+    resumed = run_train("--resume", "latest", "--output-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    notes = [line for line in resumed.stderr.splitlines() if "stopped logging" in line]
+    assert len(notes) == 1 and "metrics.jsonl only" in notes[0], resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    assert_same_run(run_dir, reference_run)

@@ -8,7 +8,17 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, TINY, clean_env, read_manifest, read_metrics, run_train, train_ok, without_timing
+from conftest import (
+    REPO,
+    TINY,
+    assert_one_line_error,
+    clean_env,
+    read_manifest,
+    read_metrics,
+    run_train,
+    train_ok,
+    without_timing,
+)
 from safetensors.torch import load_file
 
 from cifar.models import build_model
@@ -158,3 +168,8 @@ def test_a_run_records_the_commit_it_started_from_though_the_checkout_moves_on(t
         json.loads(path.read_text())["environment"]["git_commit"] for path in run_dir.glob("checkpoints/*/state.json")
     ]
     assert len(recorded) >= 3 and set(recorded) == {started_from.strip()}
+
+
+def test_a_launcher_variable_that_is_not_an_integer_stops_with_one_line(tmp_path):
+    result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), env=clean_env(RANK="abc", WORLD_SIZE="1"))
+    assert_one_line_error(result, "RANK must be an integer, got 'abc'")
