@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, clean_env
 
 EXAMPLE = str(REPO / "examples" / "plain_train.py")
@@ -38,6 +39,7 @@ def test_stopped_and_killed_runs_resume_to_the_uninterrupted_weights(tmp_path):
     assert run_example(run_dir, "--workers", "0") == reference  # the worker count is not part of the result
 
 
+@pytest.mark.slow  # 16 s; make test runs verify on train.py (test_verify.py) and resumes this example
 def test_verify_reports_the_example_reproducible(tmp_path):
     command = [sys.executable, "-m", "repro", "verify", "--steps", "6", "--", sys.executable, EXAMPLE]
     command += ["--out", "unused"]

@@ -206,7 +206,8 @@ def test_resume_latest_without_checkpoint_is_an_error(tmp_path):
     assert result.returncode == 2 and "--resume latest: no checkpoint in" in result.stderr
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
+# SIGUSR1 takes the same path as SIGTERM (train.py's JOB_STOP_SIGNALS): slow, for the suite's 10 minutes.
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_stop_signal_to_the_process_group_stops_a_run_with_workers_at_a_step(tmp_path, stop_signal):
     # scancel and SLURM's time limit signal every process of the job, DataLoader workers included
     # (torch's die of SIGTERM); `#SBATCH --signal=USR1@120` sends SIGUSR1 first.
