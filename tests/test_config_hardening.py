@@ -266,13 +266,28 @@ def test_python_and_accelerate_launch_give_the_same_weights(tmp_path):
         assert manifest["config"]["cpu_threads"] == manifest["environment"]["torch_threads"] == 1
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """In the child, before exec: SIGINT unblocked and at its default, as a shell starts a program.
+    Both are inherited through exec, and a test runner's process may hold either otherwise: Python
+    then never turns Ctrl-C into KeyboardInterrupt (a run of the suite once waited here 60 s)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path):
     # The config is a FIFO: train.py blocks reading it, inside main(), until Ctrl-C comes.
     config = tmp_path / "config.yaml"
     os.mkfifo(config)
     run_dir = tmp_path / "r"
     command = [sys.executable, str(REPO / "train.py"), "--config", str(config), *TINY, "--output-dir", str(run_dir)]
-    process = subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_as_in_a_terminal,
+    )
     deadline = time.monotonic() + 120
     while True:
         try:  # succeeds once train.py has the FIFO open for reading, after its imports
