@@ -218,13 +218,10 @@ def child_environment() -> dict[str, str]:
     return environment
 
 
-def run_train(arguments: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
-    """Run train.py, its output in ``<run_dir>.log``; return its manifest and wall
-    time, or why it did not finish."""
-    command = [sys.executable, str(benchlib.REPO / "train.py"), *arguments, "--output-dir", str(run_dir), "--overwrite"]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = run_dir.parent / f"{run_dir.name}.log"
-    started = time.perf_counter()
+def run_logged(command: list[str], log: Path, timeout: float) -> int | None:
+    """Run ``command`` in the repository, its output in ``log``; return its exit status, or
+    None when it ran past ``timeout`` seconds (it is killed then)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as output:
         try:
             result = subprocess.run(
@@ -237,11 +234,23 @@ def run_train(arguments: list[str], run_dir: Path, timeout: float) -> dict[str, 
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s (log: {log})", "wall_s": time.perf_counter() - started}
+            return None
+    return result.returncode
+
+
+def run_train(arguments: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
+    """Run train.py, its output in ``<run_dir>.log``; return its manifest and wall
+    time, or why it did not finish."""
+    command = [sys.executable, str(benchlib.REPO / "train.py"), *arguments, "--output-dir", str(run_dir), "--overwrite"]
+    log = run_dir.parent / f"{run_dir.name}.log"
+    started = time.perf_counter()
+    status = run_logged(command, log, timeout)
     wall = time.perf_counter() - started
-    if result.returncode != 0:
+    if status is None:
+        return {"error": f"timed out after {timeout:.0f} s (log: {log})", "wall_s": wall}
+    if status != 0:
         last_line = (log.read_text().strip().splitlines() or [""])[-1]
-        return {"error": f"exit {result.returncode}: {last_line[:160]} (log: {log})", "wall_s": wall}
+        return {"error": f"exit {status}: {last_line[:160]} (log: {log})", "wall_s": wall}
     return {"manifest": json.loads((run_dir / "manifest.json").read_text()), "wall_s": wall}
 
 
@@ -261,21 +270,10 @@ def run_train_in_one_process(runs: dict[str, list[str]], out: Path, log_name: st
     command = [sys.executable, str(benchlib.REPO / "bench" / "train_runs.py"), str(results_path)]
     for name, arguments in runs.items():
         command += [*arguments, "--output-dir", str(run_dirs[name]), "--overwrite", "--"]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as output:
-        try:
-            subprocess.run(
-                command[:-1],
-                cwd=benchlib.REPO,
-                env=child_environment(),
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-            )
-            why_not = f"no result (log: {log})"
-        except subprocess.TimeoutExpired:
-            why_not = f"not reached: the process timed out after {timeout:.0f} s (log: {log})"
+    if run_logged(command[:-1], log, timeout) is None:
+        why_not = f"not reached: the process timed out after {timeout:.0f} s (log: {log})"
+    else:
+        why_not = f"no result (log: {log})"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     outcomes: dict[str, Any] = {}
     for index, name in enumerate(runs):
