@@ -121,6 +121,14 @@ def build_loaders(
             f"--batch-size {config.batch_size} is larger than the training set ({len(splits.train)} images)"
         )
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    if len(splits.test) < world_size:
+        # A rank with no test image would skip the evaluation's forward pass, and with it DDP's
+        # broadcast of the BatchNorm buffers that the other ranks wait in: the run would hang.
+        images = "1 image" if len(splits.test) == 1 else f"{len(splits.test)} images"
+        raise UsageError(
+            f"the test set has {images}, fewer than the {world_size} processes: "
+            "each process evaluates a share of it and needs at least one image"
+        )
     sampler = GlobalBatchSampler(len(splits.train), config.batch_size, seeds, rank=rank, world_size=world_size)
     if config.data_pipeline == "device":
         device, stats = accelerator.device, (splits.mean, splits.std)

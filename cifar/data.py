@@ -84,11 +84,16 @@ def _from_hwc(images: np.ndarray, labels: list[int] | np.ndarray) -> ImageArray:
     return ImageArray(tensor, torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
+# The least standard deviation a channel is normalised by: one grey level. A constant channel (no blue
+# in any image) has none, and dividing by it would turn every input into NaN.
+MIN_CHANNEL_STD = round(1 / 255, 4)
+
+
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     scaled = images.to(torch.float64) / 255
     mean = scaled.mean(dim=(0, 2, 3))
     std = scaled.std(dim=(0, 2, 3))
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+    return tuple(round(float(v), 4) for v in mean), tuple(max(round(float(v), 4), MIN_CHANNEL_STD) for v in std)
 
 
 def synthetic(train_size: int, test_size: int) -> Splits:

@@ -38,8 +38,9 @@ import numpy as np
 # Change this whenever decoding changes (cifar/data.py's _read_image: conversion,
 # resizing, size) or what an entry holds (_ARRAYS): entries of the old code then
 # no longer match, and are never read as the new code's. 3: 16-bit grey images keep
-# their top 8 bits (version 2 clipped them at 255), 32-bit ones are refused.
-DECODE_VERSION = 3
+# their top 8 bits (version 2 clipped them at 255), 32-bit ones are refused. 4: a channel's
+# stored std is at least one grey level (version 3 stored 0 for a constant channel).
+DECODE_VERSION = 4
 AUTO = "auto"  # the default folder: $XDG_CACHE_HOME/repro, else ~/.cache/repro
 OFF = "none"
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "mean", "std")

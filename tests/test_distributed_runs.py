@@ -65,6 +65,26 @@ def test_a_test_set_that_two_ranks_cannot_split_evenly_counts_each_image_once(tm
     assert [row["test_images"] for row in read_metrics(run_dir)] == [101]
 
 
+def test_a_test_set_smaller_than_the_world_stops_every_rank_before_training(tmp_path):
+    # Rank 1 would have no test image: it skipped the evaluation's forward pass, and rank 0 waited
+    # forever in DDP's broadcast of the BatchNorm buffers there.
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        two_process_command(run_dir, "--synthetic-test-size", "1", "--epochs", "1"),
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(lines) == 2, result.stderr[-3000:]  # one a process, the same line
+    assert all("the test set has 1 image, fewer than the 2 processes" in line for line in lines), lines
+    assert "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
 @pytest.mark.slow  # the resume tests compare two-process runs of their own against this fixture's
 def test_two_process_run_repeats_bitwise(two_process_run, tmp_path):
     launch_two_processes(tmp_path / "again")

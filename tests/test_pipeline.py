@@ -38,6 +38,22 @@ def test_imagefolder_trains_and_trains_the_same_from_its_cache(tmp_path):
     assert cached["weights_sha256"] == decoded["weights_sha256"]
 
 
+@pytest.mark.parametrize("pipeline", ["device", "dataloader"])
+def test_a_channel_that_never_varies_trains(tmp_path, pipeline):
+    # No blue in any image: a spread of 0 made every input NaN on the device pipeline (the run then
+    # blamed the learning rate), and torchvision's Normalize raised on the DataLoader pipeline.
+    data = make_folder(tmp_path / "data")
+    for image_path in data.glob("*/*/*.png"):
+        pixels = np.asarray(Image.open(image_path)).copy()
+        pixels[..., 2] = 0
+        Image.fromarray(pixels).save(image_path)
+    assert imagefolder(str(data)).std[2] == round(1 / 255, 4)
+    result = run_train(*IMAGEFOLDER, "--data-dir", str(data), "--data-cache", "none", "--data-pipeline", pipeline,
+                       "--output-dir", str(tmp_path / "run"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.isfinite(read_manifest(tmp_path / "run")["test_loss"])
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A PNG file of a few bytes whose header declares ``width`` x ``height`` RGB pixels
     (no pixel data follows): a decompression bomb, as far as reading its header tells."""
