@@ -146,13 +146,16 @@ class Checkpointer:
 
         When: after an optimizer step (and the scheduler's step), on every rank. Pass the
         unwrapped model. ``batches_consumed`` is the count the sampler's ``state_dict``
-        takes (batches trained since this epoch's iteration began); ``progress`` holds
+        takes (batches trained since this epoch's iteration began): an integer, never a
+        float such as ``seen / batch_size`` (a NumPy integer or a one-element integer
+        tensor is converted); it is ignored without a ``sampler``. ``progress`` holds
         JSON values the loop needs to continue (the main rank's are saved), ``rank_progress``
         this rank's own, and ``tensors`` named groups of extra tensors (an EMA's weights).
 
         Returns the checkpoint's folder. Raises :class:`CheckpointError` (a ``ValueError``) on
         every rank when any rank fails to write, or is given what a checkpoint cannot hold (a
-        step that is not an int of 0 or more, progress values that are not JSON, model state
+        step that is not an int of 0 or more, a ``batches_consumed`` that is not an integer or
+        puts the sampler outside its epoch, progress values that are not JSON, model state
         that is not tensors, a scheduler state that ``weights_only`` loading refuses), before
         anything is written; the checkpoints written before are intact.
         """
@@ -165,6 +168,8 @@ class Checkpointer:
         tied: dict[str, str] = {}
         try:
             final = self.directory / fmt.folder_name(step)
+            # Every rank: a state that fails only on the main rank, after the others wrote, would split them.
+            sampler_state = None if sampler is None else sampler.state_dict(batches_consumed)
             _check_json(rank_progress, "rank_progress")
             if main:
                 _check_json(progress, "progress")
@@ -192,8 +197,8 @@ class Checkpointer:
         _agree(None, error)
         if main:
             state: dict[str, Any] = {"step": step, "tied": tied}
-            if sampler is not None:
-                state["sampler"] = sampler.state_dict(batches_consumed)
+            if sampler_state is not None:
+                state["sampler"] = sampler_state
             extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in tensors.items()}
             if scheduler is not None:
                 extra[fmt.SCHEDULER_KEY] = scheduler.state_dict()

@@ -90,8 +90,9 @@ def make_generator(seed: int, stream: str, *indices: int) -> torch.Generator:
 
 
 def _integer(name: str, value: object) -> int:
-    """``value`` as an int (NumPy's integers too), or a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool):
+    """``value`` as an int (NumPy's integers and one-element integer tensors too), or a
+    ``ValueError`` naming ``name``. A bool is refused: ``True`` is never meant as 1 here."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     try:
         return operator.index(value)
@@ -216,11 +217,18 @@ class GlobalBatchSampler:
 
         A DataLoader fetches batches ahead of the training loop, so only the
         loop knows how many it has consumed since this iteration began: pass
-        that count.
+        that count. It must be an integer (a NumPy integer or a one-element
+        integer tensor is converted), so that the state reads back as one: a
+        float such as ``seen / batch_size`` raises ``ValueError``, as does a
+        count that puts the position outside the epoch's batches.
         """
-        position = self.start_batch + batches_consumed
+        consumed = _integer("batches_consumed", batches_consumed)
+        position = self.start_batch + consumed
         if not 0 <= position <= len(self):
-            raise ValueError(f"position {position} is outside the epoch's {len(self)} batches")
+            raise ValueError(
+                f"batches_consumed {consumed} puts the sampler at batch {position}, outside the epoch's "
+                f"{len(self)} batches (this iteration began at batch {self.start_batch})"
+            )
         return {
             "version": 1,
             "epoch": self.epoch,

@@ -21,6 +21,7 @@ from torch.optim import lr_scheduler
 
 from repro import checkpoint_format
 from repro.checkpoint import Checkpointer, CheckpointError
+from repro.loader import GlobalBatchSampler
 
 
 def make_run(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -88,6 +89,38 @@ def test_a_step_that_is_not_a_count_is_refused_before_anything_is_written(step, 
         Checkpointer(tmp_path / "checkpoints").save(step, model=model, optimizer=optimizer)
     assert "\n" not in str(raised.value) and isinstance(raised.value, ValueError)
     assert entries(tmp_path / "checkpoints") == []
+
+
+@pytest.mark.parametrize(
+    ("consumed", "message"),
+    [
+        (1.5, r"batches_consumed must be an integer, got 1\.5"),  # seen / batch_size: resume would refuse it
+        (True, "batches_consumed must be an integer, got True"),
+        ("2", "batches_consumed must be an integer, got '2'"),
+        (5, r"batches_consumed 5 puts the sampler at batch 5, outside the epoch's 4 batches"),
+    ],
+    ids=repr,
+)
+def test_a_batches_consumed_that_is_not_a_count_in_the_epoch_is_refused_before_anything_is_written(
+    consumed, message, tmp_path
+):
+    model, optimizer = make_run()
+    sampler = GlobalBatchSampler(32, 8, 1)
+    with pytest.raises(CheckpointError, match=rf"^cannot save checkpoint step 1: {message}") as raised:
+        Checkpointer(tmp_path).save(1, model=model, optimizer=optimizer, sampler=sampler, batches_consumed=consumed)
+    assert "\n" not in str(raised.value)
+    assert entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("consumed", [np.int64(3), torch.tensor(3)], ids=repr)
+def test_a_numpy_or_tensor_batches_consumed_is_saved_as_an_int_and_resumed(consumed, tmp_path):
+    model, optimizer = make_run()
+    Checkpointer(tmp_path).save(
+        1, model=model, optimizer=optimizer, sampler=GlobalBatchSampler(32, 8, 1), batches_consumed=consumed
+    )
+    resumed = GlobalBatchSampler(32, 8, 1)
+    Checkpointer(tmp_path).restore("latest", model=model, optimizer=optimizer, sampler=resumed)
+    assert resumed.start_batch == 3 and type(resumed.state_dict(0)["position"]) is int
 
 
 def test_steps_past_eight_digits_are_listed_in_order_and_resumed(tmp_path):
