@@ -7,9 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from repro.augment import SeededAugmentation
 from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
+from repro.seeds import SeedPlan
 
 
 def shards(num_samples, batch_size, world_size, epoch=0, drop_last=False):
@@ -109,6 +111,20 @@ def test_bad_arguments_raise():
         GlobalBatchSampler(100, 10, 1, world_size=3)
     with pytest.raises(ValueError, match="rank"):
         GlobalBatchSampler(100, 10, 1, rank=2, world_size=2)
+
+
+def test_a_loader_prepared_with_dispatch_batches_raises_instead_of_training_on_rank_0s_share():
+    # dispatch_batches=True (accelerate's default for an IterableDataset) wraps the loader in a
+    # DataLoaderDispatcher, which draws on rank 0 and splits that share among the ranks. Its frames
+    # draw the first batch as they do with 2 processes; refused with one too, before a run on more.
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=True))
+    plan = SeedPlan(1)
+    dataset = SeededAugmentation(TensorDataset(torch.arange(16.0)), lambda x: x, plan, generators=("torch",))
+    loader = accelerator.prepare(DataLoader(dataset, batch_sampler=GlobalBatchSampler(16, 4, plan)))
+    with pytest.raises(RuntimeError, match=r"DataLoaderDispatcher \(dispatch_batches\) is drawing a GlobalBatchSam"):
+        next(iter(loader))
 
 
 class Draws(Dataset):
