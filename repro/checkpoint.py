@@ -155,19 +155,21 @@ class Checkpointer:
         Returns the checkpoint's folder. Raises :class:`CheckpointError` (a ``ValueError``) on
         every rank when any rank fails to write, or is given what a checkpoint cannot hold (a
         step that is not an int of 0 or more, a ``batches_consumed`` that is not an integer or
-        puts the sampler outside its epoch, progress values that are not JSON, model state
+        puts the sampler outside its epoch, ``tensors`` that are not a mapping of groups, each a
+        mapping of names to tensors (a module: pass its ``state_dict()``), progress values that
+        are not JSON, model state
         that is not tensors, a scheduler state that ``weights_only`` loading refuses), before
         anything is written; the checkpoints written before are intact.
         """
-        progress, rank_progress, tensors = dict(progress or {}), dict(rank_progress or {}), dict(tensors or {})
-        _check_names(progress, fmt.RESERVED_KEYS, "progress")
-        _check_names(rank_progress, {"rng"}, "rank_progress")
-        _check_names(tensors, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
         main = _rank() == 0
         model_state: dict[str, torch.Tensor] = {}
         tied: dict[str, str] = {}
         try:
             final = self.directory / fmt.folder_name(step)
+            progress, rank_progress = _mapping(progress, "progress"), _mapping(rank_progress, "rank_progress")
+            _check_names(progress, fmt.RESERVED_KEYS, "progress")
+            _check_names(rank_progress, {"rng"}, "rank_progress")
+            groups = _tensor_groups(tensors)
             # Every rank: a state that fails only on the main rank, after the others wrote, would split them.
             sampler_state = None if sampler is None else sampler.state_dict(batches_consumed)
             _check_json(rank_progress, "rank_progress")
@@ -199,7 +201,7 @@ class Checkpointer:
             state: dict[str, Any] = {"step": step, "tied": tied}
             if sampler_state is not None:
                 state["sampler"] = sampler_state
-            extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in tensors.items()}
+            extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in groups.items()}
             if scheduler is not None:
                 extra[fmt.SCHEDULER_KEY] = scheduler.state_dict()
             try:
@@ -244,10 +246,10 @@ class Checkpointer:
         optimizer groups, scheduler, sampler, tensor groups and every rank's RNG state fit
         the live objects. ``latest`` or a path that fails raises :class:`CheckpointError`;
         ``auto`` goes back past every failing one, saying so through ``log``, and returns
-        ``None`` when none is left (and when there is none yet).
+        ``None`` when none is left (and when there is none yet). ``tensors`` that are not
+        groups of tensors, as :meth:`save` takes them, raise ``ValueError`` before anything is read.
         """
-        tensors = dict(tensors or {})
-        _check_names(tensors, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
+        tensors = _tensor_groups(tensors)
 
         def open_checkpoint(path: Path) -> tuple[Checkpoint, dict[str, Any]]:
             found = fmt.load(path)
@@ -285,6 +287,35 @@ def _check_names(values: Mapping[str, Any], reserved: frozenset[str] | set[str],
     taken = sorted(set(values) & set(reserved))
     if taken or not all(isinstance(name, str) for name in values):
         raise ValueError(f"{what} keys must be strings other than {sorted(reserved)}, got {short(list(values))}")
+
+
+def _mapping(values: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """``values`` (``None``: none) as a dict, or ``ValueError`` if it is not a mapping."""
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{what} must be a mapping of names to values, got a {type(values).__name__}")
+    return dict(values)
+
+
+def _tensor_groups(tensors: TensorGroups | None) -> dict[str, Mapping[str, torch.Tensor]]:
+    """``tensors`` as a dict of named groups, each a mapping of names (strings) to tensors, or
+    ``ValueError`` naming what is not: a module given for its weights, a number among them."""
+    groups = _mapping(tensors, "tensors")
+    _check_names(groups, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
+    for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            hint = ": pass its state_dict()" if isinstance(group, nn.Module) else ""
+            raise ValueError(f"tensors[{name!r}] is a {type(group).__name__}, not a mapping of names to tensors{hint}")
+        for key, value in group.items():
+            if not isinstance(key, str):
+                raise ValueError(f"tensors[{name!r}] has the key {short(key)}: a tensor's name must be a string")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"tensors[{name!r}][{key!r}] is a {type(value).__name__}, not a tensor "
+                    "(a number belongs in progress)"
+                )
+    return groups
 
 
 def _check_json(values: Mapping[str, Any], what: str) -> None:

@@ -170,6 +170,24 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda d: Checkpointer(d).save(1, model=nn.Sequential(ExtraState(3, 2)), optimizer=make_run()[1]),
         r"'0._extra_state' is a dict, not a tensor \(module 0's get_extra_state\)",
     ),
+    "module as a tensor group": (
+        lambda d: Checkpointer(d).save(
+            1, model=nn.Linear(3, 2), optimizer=make_run()[1], tensors={"ema": nn.Linear(3, 2)}
+        ),
+        r"tensors\['ema'\] is a Linear, not a mapping of names to tensors: pass its state_dict\(\)$",
+    ),
+    "number in a tensor group": (
+        lambda d: Checkpointer(d).save(
+            1, model=nn.Linear(3, 2), optimizer=make_run()[1], tensors={"ema": {"w": torch.zeros(2), "decay": 0.9}}
+        ),
+        r"tensors\['ema'\]\['decay'\] is a float, not a tensor",
+    ),
+    "tensor as a tensor group": (
+        lambda d: Checkpointer(d).save(
+            1, model=nn.Linear(3, 2), optimizer=make_run()[1], tensors={"ema": torch.zeros(2)}
+        ),
+        r"tensors\['ema'\] is a Tensor, not a mapping",
+    ),
     "scheduler state": (
         lambda d: Checkpointer(d).save(
             1,
@@ -304,12 +322,16 @@ try:
     Checkpointer(CHECKPOINTS).save(1, model=model, optimizer=optimizer, progress=progress)
 except CheckpointError as error:  # each rank's own file: two ranks' prints may interleave
     pathlib.Path(f"{CHECKPOINTS}-rank-{dist.get_rank()}.txt").write_text(str(error))
+try:  # read by the main rank alone once the others wrote their part, it once split the ranks
+    Checkpointer(CHECKPOINTS).save(2, model=model, optimizer=optimizer, tensors={"ema": nn.Linear(2, 2)})
+except CheckpointError as error:
+    pathlib.Path(f"{CHECKPOINTS}-group-rank-{dist.get_rank()}.txt").write_text(str(error))
 dist.destroy_process_group()
 """
 
 
-def test_a_bad_progress_value_stops_both_processes_with_the_same_line(tmp_path):
-    """Only the main rank's progress values are saved: the other rank still gets its error."""
+def test_a_bad_progress_value_or_tensor_group_stops_both_processes_with_the_same_line(tmp_path):
+    """Only the main rank's progress values and tensor groups are saved: the other rank still gets its error."""
     checkpoints = tmp_path / "checkpoints"
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.replace("CHECKPOINTS", repr(str(checkpoints))))
@@ -321,4 +343,8 @@ def test_a_bad_progress_value_stops_both_processes_with_the_same_line(tmp_path):
     errors = [(tmp_path / f"checkpoints-rank-{rank}.txt").read_text() for rank in (0, 1)]
     assert errors[0] == errors[1] and "\n" not in errors[0]
     assert errors[0].startswith("cannot save checkpoint step 1: progress['loss'] is not a JSON value")
+    errors = [(tmp_path / f"checkpoints-group-rank-{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1]
+    module_group = "tensors['ema'] is a Linear, not a mapping of names to tensors: pass its state_dict()"
+    assert errors[0] == f"cannot save checkpoint step 2: {module_group}"
     assert entries(checkpoints) == []
