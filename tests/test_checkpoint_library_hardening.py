@@ -209,6 +209,14 @@ def test_what_a_checkpoint_cannot_hold_is_refused_in_one_line_and_leaves_no_fold
     assert entries(tmp_path / "checkpoints") == []  # no staging folder left
 
 
+def test_restore_refuses_a_module_as_a_tensor_group_before_reading(tmp_path):
+    model, optimizer = make_run()
+    manager = Checkpointer(tmp_path)
+    manager.save(1, model=model, optimizer=optimizer, tensors={"ema": nn.Linear(3, 2).state_dict()})
+    with pytest.raises(ValueError, match=r"^tensors\['ema'\] is a Linear, not a mapping .*: pass its state_dict\(\)$"):
+        manager.restore("latest", model=model, optimizer=optimizer, tensors={"ema": nn.Linear(3, 2)})
+
+
 class Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
