@@ -202,7 +202,9 @@ class SeededAugmentation(Dataset):
     Args:
         dataset: the un-augmented dataset.
         transform: the random augmentation, a callable on one input.
-        seeds: the run's :class:`repro.seeds.SeedPlan` (its aug stream is used).
+        seeds: the run's :class:`repro.seeds.SeedPlan` (its aug stream is used), or a
+            plain user seed, which behaves exactly as ``SeedPlan(seed)``; anything
+            else (``"2333"``) raises ``ValueError`` here.
         generators: the global generators ``transform`` draws from, a non-empty
             subset of ``("torch", "random", "numpy")``; only these are reseeded
             (and, in the main process, saved and restored) for each sample.
@@ -216,14 +218,14 @@ class SeededAugmentation(Dataset):
         self,
         dataset: Any,
         transform: Callable[[Any], Any],
-        seeds: SeedPlan,
+        seeds: SeedPlan | int,
         *,
         generators: tuple[str, ...] = GENERATORS,
         reseed: Callable[[int], None] | None = None,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
-        self.seeds = seeds
+        self.seeds = SeedPlan.of(seeds)
         self.generators = check_generators(generators)
         self.reseed = reseed
         self._seed_torch = "torch" in self.generators

@@ -254,3 +254,12 @@ def test_a_transforms_own_generator_reseeded_through_reseed_gives_the_same_batch
     # Without it, each worker draws from its own copy of the generator: other batches, and no error.
     unseeded = own_generator_batches(2, reseed=False)
     assert not all(torch.equal(a, b) for a, b in zip(single, unseeded, strict=True))
+
+
+def test_a_plain_int_seed_augments_as_its_plan_and_a_string_is_refused_at_construction():
+    transform = transforms.RandomCrop(32, padding=4)
+    plain = SeededAugmentation(Images(), transform, 2333, generators=("torch",))
+    planned = SeededAugmentation(Images(), transform, SeedPlan(2333), generators=("torch",))
+    assert torch.equal(plain[(1, 5)][0], planned[(1, 5)][0])
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\], got '2333'"):
+        SeededAugmentation(Images(), transform, "2333")
