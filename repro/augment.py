@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from repro.report import short
 from repro.seeding import library_seeds
 from repro.seeds import SeedPlan, mix64
 
@@ -223,6 +224,10 @@ class SeededAugmentation(Dataset):
         generators: tuple[str, ...] = GENERATORS,
         reseed: Callable[[int], None] | None = None,
     ) -> None:
+        if not callable(transform):
+            raise TypeError(f"transform must be a callable, got {short(transform)}")
+        if reseed is not None and not callable(reseed):
+            raise TypeError(f"reseed must be a callable or None, got {short(reseed)}")
         self.dataset = dataset
         self.transform = transform
         self.seeds = SeedPlan.of(seeds)
@@ -247,7 +252,13 @@ class SeededAugmentation(Dataset):
         return mix64(key, index)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any]:
-        epoch, index = key
+        try:
+            epoch, index = key
+        except (TypeError, ValueError):  # a plain index: a DataLoader with an ordinary sampler
+            raise TypeError(
+                f"SeededAugmentation got the key {short(key)}, not (epoch, index): index it with "
+                "GlobalBatchSampler's (epoch, index) keys, DataLoader(..., batch_sampler=GlobalBatchSampler(...))"
+            ) from None
         sample, target = self.dataset[index]
         seed = self.sample_seed(epoch, index)
         if get_worker_info() is not None:

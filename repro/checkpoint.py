@@ -110,8 +110,10 @@ class Checkpointer:
         best_key: str | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int of 1 or more, got {short(keep)}")
+        if best_key is not None and not isinstance(best_key, str):
+            raise ValueError(f"best_key must be the name of a progress value (a str) or None, got {short(best_key)}")
         self.directory = Path(directory)
         self.keep = keep
         self.best_key = best_key

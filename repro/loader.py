@@ -80,6 +80,7 @@ class WorkerSeeder:
 
     def __init__(self, plan: SeedPlan | int, rank: int = 0) -> None:
         self.plan = SeedPlan.of(plan)
+        rank = _integer("rank", rank)  # checked here: in the worker, it would fail far from the mistake
         if rank < 0:
             raise ValueError(f"rank must be non-negative, got {rank}")
         self.rank = rank
@@ -111,6 +112,14 @@ def _integer(name: str, value: object) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _flag(name: str, value: object) -> bool:
+    """``value`` as a bool (NumPy's too), or a ``ValueError`` naming ``name``: a string such as
+    ``"False"`` is true, so taking its truth would do the opposite of what it says."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 class GlobalBatchSampler:
@@ -161,6 +170,7 @@ class GlobalBatchSampler:
             raise ValueError(
                 f"global batch size {batch_size} must be a positive multiple of the world size {world_size}"
             )
+        shuffle, drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         if drop_last and num_samples < batch_size:
             raise ValueError(f"global batch size {batch_size} exceeds the {num_samples} samples with drop_last")
         self.num_samples = num_samples

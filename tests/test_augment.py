@@ -263,3 +263,11 @@ def test_a_plain_int_seed_augments_as_its_plan_and_a_string_is_refused_at_constr
     assert torch.equal(plain[(1, 5)][0], planned[(1, 5)][0])
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\], got '2333'"):
         SeededAugmentation(Images(), transform, "2333")
+
+
+def test_an_ordinary_sampler_is_told_to_use_the_global_batch_samplers_keys():
+    dataset = SeededAugmentation(Images(), transforms.RandomCrop(32, padding=4), 2333, generators=("torch",))
+    with pytest.raises(TypeError, match=r"^SeededAugmentation got the key 0, not \(epoch, index\): index it with "):
+        next(iter(DataLoader(dataset, batch_size=4)))
+    with pytest.raises(TypeError, match=r"^transform must be a callable, got None$"):
+        SeededAugmentation(Images(), None, 2333)

@@ -58,6 +58,27 @@ def test_bad_sampler_arguments_raise_value_errors():
     assert len(GlobalBatchSampler(np.int64(100), 32, 0)) == 3  # NumPy's integers are integers
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"shuffle": "no"}, "shuffle must be True or False, got 'no'"),
+        ({"drop_last": "False"}, "drop_last must be True or False, got 'False'"),  # a true string
+        ({"shuffle": 0}, "shuffle must be True or False, got 0"),
+    ],
+    ids=repr,
+)
+def test_sampler_flags_that_are_not_bools_are_refused(arguments, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        GlobalBatchSampler(100, 32, 0, **arguments)
+    assert GlobalBatchSampler(100, 32, 0, shuffle=np.False_).shuffle is False
+
+
+def test_a_worker_seeder_rank_that_is_not_an_integer_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"^rank must be an integer, got 1\.5$"):
+        WorkerSeeder(1, 1.5)
+    assert WorkerSeeder(1, np.int64(1)).rank == 1
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_each_global_step_holds_the_same_samples_for_any_world_size(world_size):
     def steps(w):
