@@ -48,9 +48,15 @@ __all__ = ["Checkpoint", "CheckpointError", "Checkpointer", "Restored"]
 
 TensorGroups = Mapping[str, Mapping[str, torch.Tensor]]
 
-# Optimizer settings that the run fixes: load_state_dict would otherwise take the file's. The
-# second are those OneCycleLR and CyclicLR add to each group; they then move momentum between
-# base_momentum and max_momentum, so it is not fixed.
+# A parameter group's keys that restore does not compare with the live group's: the parameters;
+# the learning rate, which schedulers move (checked against the scheduler's instead); and the
+# switches that choose the step's kernels (load_state_dict takes the checkpoint's, so the resumed
+# run computes as the run did). Every other key is a setting the run fixes, which load_state_dict
+# would otherwise silently replace with the file's: betas, eps, amsgrad, momentum, weight decay, ...
+_UNCHECKED_GROUP_KEYS = frozenset({"params", "param_names", "lr", "foreach", "fused", "capturable", "differentiable"})
+# Settings checked even when the checkpoint lacks them (every torch version records them). The second
+# are those OneCycleLR and CyclicLR add to each group; they then move momentum (SGD's) or betas[0]
+# (Adam's) between base_momentum and max_momentum, so those are not fixed.
 _GROUP_SETTINGS = ("momentum", "dampening", "nesterov", "weight_decay", "initial_lr")
 _CYCLE_SETTINGS = ("max_lr", "min_lr", "base_momentum", "max_momentum")
 
@@ -499,11 +505,7 @@ def _check_optimizer(
                 f"{name}: parameter group {index} has {len(group['params'])} parameters, "
                 f"this run's {len(live['params'])}"
             )
-        # A cyclic scheduler moves momentum (it adds max_momentum to the group): its bounds are fixed instead.
-        fixed = [key for key in _GROUP_SETTINGS if key != "momentum" or "max_momentum" not in live]
-        for key in fixed + list(_CYCLE_SETTINGS):
-            if key in live and group.get(key) != live[key]:
-                raise found.error(f"{name}: group {index} has {key} {short(group.get(key))}, this run's {live[key]!r}")
+        _check_group_settings(found, group, live, f"{name}: group {index}")
         lr = group.get("lr")
         if not fmt.is_number(lr) or (
             scheduler_lrs is not None and (index >= len(scheduler_lrs) or lr != scheduler_lrs[index])
@@ -528,6 +530,40 @@ def _check_optimizer(
                 )
             if not isinstance(value, torch.Tensor | None) and not fmt.is_number(value):
                 raise found.error(f"{name}: {field} of parameter {key} is {short(value)}")
+
+
+def _check_group_settings(found: Checkpoint, saved: dict[str, Any], live: dict[str, Any], where: str) -> None:
+    """Every setting of the live parameter group that the run fixes has the saved group's value.
+
+    Not compared: :data:`_UNCHECKED_GROUP_KEYS`, and a setting that another torch version may not
+    record (absent from the saved group) unless every version does. A cyclic scheduler (it adds
+    ``max_momentum`` to the group) moves ``momentum`` and the first of ``betas``: their bounds
+    are compared instead, and the rest of ``betas``.
+    """
+    cyclic = "max_momentum" in live
+    for key, expected in live.items():
+        if key in _UNCHECKED_GROUP_KEYS or (cyclic and key == "momentum"):
+            continue
+        if key not in saved and key not in _GROUP_SETTINGS + _CYCLE_SETTINGS:
+            continue
+        value = saved.get(key)
+        same = (
+            isinstance(value, list | tuple) and _same_setting(value[1:], expected[1:])
+            if cyclic and key == "betas"
+            else _same_setting(value, expected)
+        )
+        if not same:
+            raise found.error(f"{where} has {key} {short(value)}, this run's {short(expected)}")
+
+
+def _same_setting(saved: Any, live: Any) -> bool:
+    """Whether a saved setting equals the live one: tuples and lists item by item, tensors by value."""
+    if isinstance(saved, torch.Tensor) or isinstance(live, torch.Tensor):
+        both = isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor)
+        return both and saved.shape == live.shape and torch.equal(saved.cpu(), live.cpu())
+    if isinstance(saved, list | tuple) and isinstance(live, list | tuple):
+        return len(saved) == len(live) and all(_same_setting(a, b) for a, b in zip(saved, live, strict=True))
+    return bool(saved == live)
 
 
 def _check_rng_state(found: Checkpoint, state: Any, name: str, current: dict[str, Any]) -> None:

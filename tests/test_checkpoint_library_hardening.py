@@ -305,6 +305,50 @@ def test_a_cyclic_schedulers_momentum_bounds_are_still_the_runs(tmp_path):
         Checkpointer(tmp_path).restore("latest", model=model, optimizer=optimizer, scheduler=other)
 
 
+def adamw(model: nn.Module, **settings: object) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=0.01, **settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"betas": (0.5, 0.9)}, r"group 0 has betas \(0\.9, 0\.999\), this run's \(0\.5, 0\.9\)$"),
+        ({"eps": 1e-3}, r"group 0 has eps 1e-08, this run's 0\.001$"),
+        ({"amsgrad": True}, "group 0 has amsgrad False, this run's True$"),
+    ],
+    ids=str,
+)
+def test_changed_optimizer_settings_are_refused_not_replaced_by_the_files(settings, message, tmp_path):
+    model, _ = make_run()
+    optimizer = adamw(model)
+    train_step(model, optimizer)
+    Checkpointer(tmp_path).save(1, model=model, optimizer=optimizer)
+    changed = adamw(model, **settings)
+    with pytest.raises(CheckpointError, match=message):
+        Checkpointer(tmp_path).restore("latest", model=model, optimizer=changed)
+    assert all(changed.param_groups[0][key] == value for key, value in settings.items())  # still the run's own
+
+
+def test_adam_resumes_under_one_cycle_which_moves_its_first_beta_and_not_its_second(tmp_path):
+    model, _ = make_run()
+    optimizer = adamw(model)
+    scheduler = lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=10)
+    for _ in range(3):
+        train_step(model, optimizer)
+        scheduler.step()
+    Checkpointer(tmp_path).save(3, model=model, optimizer=optimizer, scheduler=scheduler)
+    resumed = adamw(make_run(seed=1)[0])
+    restored = Checkpointer(tmp_path).restore(
+        "latest", model=model, optimizer=resumed, scheduler=lr_scheduler.OneCycleLR(resumed, 0.1, total_steps=10)
+    )
+    assert restored.step == 3 and resumed.param_groups[0]["betas"] == optimizer.param_groups[0]["betas"]
+    other = adamw(model, betas=(0.9, 0.99))
+    with pytest.raises(CheckpointError, match=r"group 0 has betas \(0\.\d+, 0\.999\), this run's \(0\.95, 0\.99\)$"):
+        Checkpointer(tmp_path).restore(
+            "latest", model=model, optimizer=other, scheduler=lr_scheduler.OneCycleLR(other, 0.1, total_steps=10)
+        )
+
+
 def test_a_checkpoint_of_the_previous_format_is_refused_in_one_line(tmp_path):
     model, optimizer = make_run()
     manager = Checkpointer(tmp_path)

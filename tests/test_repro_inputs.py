@@ -124,6 +124,16 @@ BROKEN_RUNS: dict[str, tuple[Callable[[Path], object], str, str]] = {
         "model.safetensors not found: cannot compare the weights",
         "model.safetensors",
     ),
+    "config-missing": (
+        lambda run: (run / "config.yaml").unlink(),
+        "config.yaml not found: compare needs each run folder's manifest.json, config.yaml, metrics.jsonl and ",
+        "config.yaml",
+    ),
+    "metrics-missing": (
+        lambda run: (run / "metrics.jsonl").unlink(),
+        "metrics.jsonl not found: compare needs",
+        "metrics.jsonl",
+    ),
     "manifest-without-weights-digest": (
         lambda run: without_weights_digest(run),
         "records no weights_sha256 (is the run finished?): cannot compare the weights",
