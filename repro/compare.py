@@ -103,13 +103,13 @@ def _timing(key: str) -> bool:
 def _load_run(folder: Path) -> _Run:
     if not folder.is_dir():
         raise CommandError(f"run folder not found: {folder}")
-    for name in (MANIFEST_FILE, CONFIG_FILE, METRICS_FILE):
+    manifest = read_manifest(folder)  # missing: "(is the run finished?)", as train.py writes it last
+    for name in (CONFIG_FILE, METRICS_FILE):  # what a script of your own may not write
         if not os.path.lexists(folder / name):
             raise CommandError(
                 f"{folder / name} not found: compare needs each run folder's {MANIFEST_FILE}, {CONFIG_FILE}, "
                 f"{METRICS_FILE} and {WEIGHTS_FILE}"
             )
-    manifest = read_manifest(folder)
     return _Run(
         folder,
         manifest,
