@@ -165,9 +165,8 @@ class Checkpointer:
         step that is not an int of 0 or more, a ``batches_consumed`` that is not an integer or
         puts the sampler outside its epoch, ``tensors`` that are not a mapping of groups, each a
         mapping of names to tensors (a module: pass its ``state_dict()``), progress values that
-        are not JSON, model state
-        that is not tensors, a scheduler state that ``weights_only`` loading refuses), before
-        anything is written; the checkpoints written before are intact.
+        are not JSON, model state that is not tensors, a scheduler state that ``weights_only``
+        loading refuses), before anything is written; the checkpoints written before are intact.
         """
         main = _rank() == 0
         model_state: dict[str, torch.Tensor] = {}
@@ -319,10 +318,8 @@ def _tensor_groups(tensors: TensorGroups | None) -> dict[str, Mapping[str, torch
             if not isinstance(key, str):
                 raise ValueError(f"tensors[{name!r}] has the key {short(key)}: a tensor's name must be a string")
             if not isinstance(value, torch.Tensor):
-                raise ValueError(
-                    f"tensors[{name!r}][{key!r}] is a {type(value).__name__}, not a tensor "
-                    "(a number belongs in progress)"
-                )
+                hint = " (a number belongs in progress)" if fmt.is_number(value) else ""
+                raise ValueError(f"tensors[{name!r}][{key!r}] is a {type(value).__name__}, not a tensor{hint}")
     return groups
 
 
