@@ -30,7 +30,7 @@ from cifar.config import TrainConfig, UsageError, config_differences, config_to_
 from cifar.lookahead import Lookahead
 from cifar.outputs import MetricsLog
 from repro import checkpoint_format
-from repro.checkpoint import Checkpoint, Checkpointer, check_structure
+from repro.checkpoint import Checkpoint, Checkpointer, CheckpointError, check_structure
 from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256
 from repro.fingerprint import compare_fingerprints
 from repro.loader import GlobalBatchSampler
@@ -231,7 +231,10 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
     loss_sum = torch.zeros((), device=accelerator.device)
     if config.resume is None:
         return Progress(), loss_sum
-    restored = checkpoints(training).restore(
+    manager = checkpoints(training)
+    if config.resume == "latest" and not manager.checkpoints():  # the library's line names no flag
+        raise CheckpointError(f"--resume latest: no checkpoint in {manager.directory}")
+    restored = manager.restore(
         config.resume,
         model=accelerator.unwrap_model(training.model),
         optimizer=training.optimizer,

@@ -38,6 +38,16 @@ process (a few hundred µs, for NumPy's state) and costs nothing afterwards. It
 sees only what that first sample's transform draws, so a transform that draws
 from another generator only now and then (behind a random branch) can still
 slip past it.
+
+Only those three global generators are reseeded and checked. A generator that
+the transform holds itself (``np.random.default_rng(0)``, ``random.Random(0)``,
+a ``torch.Generator``) is neither: each DataLoader worker draws from its own
+copy, and a resumed run from a fresh one, so the augmentation would change with
+``num_workers`` and on resume, and no error says so. Finding every generator
+object a callable can reach is not feasible in general, so none is looked for.
+A transform must either draw from the global generators or reseed its own per
+sample through ``SeededAugmentation(..., reseed=...)``, which is called with a
+seed derived from the sample's before each transform.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from repro.report import short
 from repro.seeding import library_seeds
 from repro.seeds import SeedPlan, mix64
 
@@ -62,6 +73,11 @@ _DESCRIPTIONS = {
     "random": "Python's random",
     "numpy": "NumPy's global generator",
 }
+
+# The mix64 word that derives the seed given to ``reseed`` from a sample's: library_seeds takes 0
+# (random) and 1 (NumPy), and torch gets the sample's seed itself, so a generator of the transform's
+# own, reseeded with it, does not repeat one of theirs.
+_RESEED_WORD = 2
 
 # NumPy's global RandomState, which ``np.random.rand`` and its kin draw from.
 _numpy_global = np.random.mtrand._rand
@@ -161,27 +177,62 @@ class SeededAugmentation(Dataset):
     sample is checked, so a transform that draws from another generator only on
     some samples may not be caught.
 
+    Covered are the three global generators: Python's ``random``, NumPy's
+    legacy global state (``np.random.rand`` and its kin) and torch's default CPU
+    generator. A generator object the transform holds itself
+    (``np.random.default_rng(0)``, ``random.Random(0)``, a ``torch.Generator``)
+    is not reseeded, and cannot be detected (nothing lists the generators a
+    callable reaches): with it, ``num_workers`` and a resume change the
+    augmentation, silently. Hold none, or pass ``reseed``, which gets a 64-bit
+    seed derived from the sample's before each transform, in the main process and
+    in every worker::
+
+        class Brightness:
+            def __init__(self):
+                self.rng = np.random.default_rng()
+
+            def __call__(self, image):
+                return image * self.rng.uniform(0.8, 1.2)
+
+            def reseed(self, seed: int) -> None:
+                self.rng = np.random.default_rng(seed)
+
+        brightness = Brightness()
+        SeededAugmentation(data, brightness, plan, generators=("torch",), reseed=brightness.reseed)
+
     Args:
         dataset: the un-augmented dataset.
         transform: the random augmentation, a callable on one input.
-        seeds: the run's :class:`repro.seeds.SeedPlan` (its aug stream is used).
+        seeds: the run's :class:`repro.seeds.SeedPlan` (its aug stream is used), or a
+            plain user seed, which behaves exactly as ``SeedPlan(seed)``; anything
+            else (``"2333"``) raises ``ValueError`` here.
         generators: the global generators ``transform`` draws from, a non-empty
             subset of ``("torch", "random", "numpy")``; only these are reseeded
             (and, in the main process, saved and restored) for each sample.
+        reseed: called with each sample's derived seed (``mix64(seed, 2)`` of
+            :meth:`sample_seed`'s) before its transform, to reseed the generators
+            the transform holds itself; ``None`` (default) when it holds none.
+            Like the transform, it is pickled into workers that are spawned.
     """
 
     def __init__(
         self,
         dataset: Any,
         transform: Callable[[Any], Any],
-        seeds: SeedPlan,
+        seeds: SeedPlan | int,
         *,
         generators: tuple[str, ...] = GENERATORS,
+        reseed: Callable[[int], None] | None = None,
     ) -> None:
+        if not callable(transform):
+            raise TypeError(f"transform must be a callable, got {short(transform)}")
+        if reseed is not None and not callable(reseed):
+            raise TypeError(f"reseed must be a callable or None, got {short(reseed)}")
         self.dataset = dataset
         self.transform = transform
-        self.seeds = seeds
+        self.seeds = SeedPlan.of(seeds)
         self.generators = check_generators(generators)
+        self.reseed = reseed
         self._seed_torch = "torch" in self.generators
         self._seed_random = "random" in self.generators
         self._seed_numpy = "numpy" in self.generators
@@ -201,19 +252,31 @@ class SeededAugmentation(Dataset):
         return mix64(key, index)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any]:
-        epoch, index = key
+        try:
+            epoch, index = key
+        except (TypeError, ValueError):  # a plain index: a DataLoader with an ordinary sampler
+            raise TypeError(
+                f"SeededAugmentation got the key {short(key)}, not (epoch, index): index it with "
+                "GlobalBatchSampler's (epoch, index) keys, DataLoader(..., batch_sampler=GlobalBatchSampler(...))"
+            ) from None
         sample, target = self.dataset[index]
         seed = self.sample_seed(epoch, index)
         if get_worker_info() is not None:
-            _seed(seed, self._seed_torch, self._seed_random, self._seed_numpy)
+            self._seed_all(seed)
             return self._apply(sample), target
         saved = [(name, _STATE[name][0]()) for name in self.generators]
         try:
-            _seed(seed, self._seed_torch, self._seed_random, self._seed_numpy)
+            self._seed_all(seed)
             return self._apply(sample), target
         finally:
             for name, state in saved:
                 _STATE[name][1](state)
+
+    def _seed_all(self, seed: int) -> None:
+        """Reseed the named global generators and, through ``reseed``, the transform's own."""
+        _seed(seed, self._seed_torch, self._seed_random, self._seed_numpy)
+        if self.reseed is not None:
+            self.reseed(mix64(seed, _RESEED_WORD))
 
     def _apply(self, sample: Any) -> Any:
         if not self._unseeded or self._checked_pid == os.getpid():

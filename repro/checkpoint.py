@@ -48,9 +48,15 @@ __all__ = ["Checkpoint", "CheckpointError", "Checkpointer", "Restored"]
 
 TensorGroups = Mapping[str, Mapping[str, torch.Tensor]]
 
-# Optimizer settings that the run fixes: load_state_dict would otherwise take the file's. The
-# second are those OneCycleLR and CyclicLR add to each group; they then move momentum between
-# base_momentum and max_momentum, so it is not fixed.
+# A parameter group's keys that restore does not compare with the live group's: the parameters;
+# the learning rate, which schedulers move (checked against the scheduler's instead); and the
+# switches that choose the step's kernels (load_state_dict takes the checkpoint's, so the resumed
+# run computes as the run did). Every other key is a setting the run fixes, which load_state_dict
+# would otherwise silently replace with the file's: betas, eps, amsgrad, momentum, weight decay, ...
+_UNCHECKED_GROUP_KEYS = frozenset({"params", "param_names", "lr", "foreach", "fused", "capturable", "differentiable"})
+# Settings checked even when the checkpoint lacks them (every torch version records them). The second
+# are those OneCycleLR and CyclicLR add to each group; they then move momentum (SGD's) or betas[0]
+# (Adam's) between base_momentum and max_momentum, so those are not fixed.
 _GROUP_SETTINGS = ("momentum", "dampening", "nesterov", "weight_decay", "initial_lr")
 _CYCLE_SETTINGS = ("max_lr", "min_lr", "base_momentum", "max_momentum")
 
@@ -110,8 +116,10 @@ class Checkpointer:
         best_key: str | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int of 1 or more, got {short(keep)}")
+        if best_key is not None and not isinstance(best_key, str):
+            raise ValueError(f"best_key must be the name of a progress value (a str) or None, got {short(best_key)}")
         self.directory = Path(directory)
         self.keep = keep
         self.best_key = best_key
@@ -146,25 +154,31 @@ class Checkpointer:
 
         When: after an optimizer step (and the scheduler's step), on every rank. Pass the
         unwrapped model. ``batches_consumed`` is the count the sampler's ``state_dict``
-        takes (batches trained since this epoch's iteration began); ``progress`` holds
+        takes (batches trained since this epoch's iteration began): an integer, never a
+        float such as ``seen / batch_size`` (a NumPy integer or a one-element integer
+        tensor is converted); it is ignored without a ``sampler``. ``progress`` holds
         JSON values the loop needs to continue (the main rank's are saved), ``rank_progress``
         this rank's own, and ``tensors`` named groups of extra tensors (an EMA's weights).
 
         Returns the checkpoint's folder. Raises :class:`CheckpointError` (a ``ValueError``) on
         every rank when any rank fails to write, or is given what a checkpoint cannot hold (a
-        step that is not an int of 0 or more, progress values that are not JSON, model state
-        that is not tensors, a scheduler state that ``weights_only`` loading refuses), before
-        anything is written; the checkpoints written before are intact.
+        step that is not an int of 0 or more, a ``batches_consumed`` that is not an integer or
+        puts the sampler outside its epoch, ``tensors`` that are not a mapping of groups, each a
+        mapping of names to tensors (a module: pass its ``state_dict()``), progress values that
+        are not JSON, model state that is not tensors, a scheduler state that ``weights_only``
+        loading refuses), before anything is written; the checkpoints written before are intact.
         """
-        progress, rank_progress, tensors = dict(progress or {}), dict(rank_progress or {}), dict(tensors or {})
-        _check_names(progress, fmt.RESERVED_KEYS, "progress")
-        _check_names(rank_progress, {"rng"}, "rank_progress")
-        _check_names(tensors, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
         main = _rank() == 0
         model_state: dict[str, torch.Tensor] = {}
         tied: dict[str, str] = {}
         try:
             final = self.directory / fmt.folder_name(step)
+            progress, rank_progress = _mapping(progress, "progress"), _mapping(rank_progress, "rank_progress")
+            _check_names(progress, fmt.RESERVED_KEYS, "progress")
+            _check_names(rank_progress, {"rng"}, "rank_progress")
+            groups = _tensor_groups(tensors)
+            # Every rank: a state that fails only on the main rank, after the others wrote, would split them.
+            sampler_state = None if sampler is None else sampler.state_dict(batches_consumed)
             _check_json(rank_progress, "rank_progress")
             if main:
                 _check_json(progress, "progress")
@@ -192,9 +206,9 @@ class Checkpointer:
         _agree(None, error)
         if main:
             state: dict[str, Any] = {"step": step, "tied": tied}
-            if sampler is not None:
-                state["sampler"] = sampler.state_dict(batches_consumed)
-            extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in tensors.items()}
+            if sampler_state is not None:
+                state["sampler"] = sampler_state
+            extra = {name: {key: t.detach().cpu() for key, t in group.items()} for name, group in groups.items()}
             if scheduler is not None:
                 extra[fmt.SCHEDULER_KEY] = scheduler.state_dict()
             try:
@@ -239,10 +253,10 @@ class Checkpointer:
         optimizer groups, scheduler, sampler, tensor groups and every rank's RNG state fit
         the live objects. ``latest`` or a path that fails raises :class:`CheckpointError`;
         ``auto`` goes back past every failing one, saying so through ``log``, and returns
-        ``None`` when none is left (and when there is none yet).
+        ``None`` when none is left (and when there is none yet). ``tensors`` that are not
+        groups of tensors, as :meth:`save` takes them, raise ``ValueError`` before anything is read.
         """
-        tensors = dict(tensors or {})
-        _check_names(tensors, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
+        tensors = _tensor_groups(tensors)
 
         def open_checkpoint(path: Path) -> tuple[Checkpoint, dict[str, Any]]:
             found = fmt.load(path)
@@ -280,6 +294,33 @@ def _check_names(values: Mapping[str, Any], reserved: frozenset[str] | set[str],
     taken = sorted(set(values) & set(reserved))
     if taken or not all(isinstance(name, str) for name in values):
         raise ValueError(f"{what} keys must be strings other than {sorted(reserved)}, got {short(list(values))}")
+
+
+def _mapping(values: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """``values`` (``None``: none) as a dict, or ``ValueError`` if it is not a mapping."""
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{what} must be a mapping of names to values, got a {type(values).__name__}")
+    return dict(values)
+
+
+def _tensor_groups(tensors: TensorGroups | None) -> dict[str, Mapping[str, torch.Tensor]]:
+    """``tensors`` as a dict of named groups, each a mapping of names (strings) to tensors, or
+    ``ValueError`` naming what is not: a module given for its weights, a number among them."""
+    groups = _mapping(tensors, "tensors")
+    _check_names(groups, fmt.OPTIMIZER_KEYS | {fmt.SCHEDULER_KEY}, "tensors")
+    for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            hint = ": pass its state_dict()" if isinstance(group, nn.Module) else ""
+            raise ValueError(f"tensors[{name!r}] is a {type(group).__name__}, not a mapping of names to tensors{hint}")
+        for key, value in group.items():
+            if not isinstance(key, str):
+                raise ValueError(f"tensors[{name!r}] has the key {short(key)}: a tensor's name must be a string")
+            if not isinstance(value, torch.Tensor):
+                hint = " (a number belongs in progress)" if fmt.is_number(value) else ""
+                raise ValueError(f"tensors[{name!r}][{key!r}] is a {type(value).__name__}, not a tensor{hint}")
+    return groups
 
 
 def _check_json(values: Mapping[str, Any], what: str) -> None:
@@ -461,11 +502,7 @@ def _check_optimizer(
                 f"{name}: parameter group {index} has {len(group['params'])} parameters, "
                 f"this run's {len(live['params'])}"
             )
-        # A cyclic scheduler moves momentum (it adds max_momentum to the group): its bounds are fixed instead.
-        fixed = [key for key in _GROUP_SETTINGS if key != "momentum" or "max_momentum" not in live]
-        for key in fixed + list(_CYCLE_SETTINGS):
-            if key in live and group.get(key) != live[key]:
-                raise found.error(f"{name}: group {index} has {key} {short(group.get(key))}, this run's {live[key]!r}")
+        _check_group_settings(found, group, live, f"{name}: group {index}")
         lr = group.get("lr")
         if not fmt.is_number(lr) or (
             scheduler_lrs is not None and (index >= len(scheduler_lrs) or lr != scheduler_lrs[index])
@@ -490,6 +527,40 @@ def _check_optimizer(
                 )
             if not isinstance(value, torch.Tensor | None) and not fmt.is_number(value):
                 raise found.error(f"{name}: {field} of parameter {key} is {short(value)}")
+
+
+def _check_group_settings(found: Checkpoint, saved: dict[str, Any], live: dict[str, Any], where: str) -> None:
+    """Every setting of the live parameter group that the run fixes has the saved group's value.
+
+    Not compared: :data:`_UNCHECKED_GROUP_KEYS`, and a setting that another torch version may not
+    record (absent from the saved group) unless every version does. A cyclic scheduler (it adds
+    ``max_momentum`` to the group) moves ``momentum`` and the first of ``betas``: their bounds
+    are compared instead, and the rest of ``betas``.
+    """
+    cyclic = "max_momentum" in live
+    for key, expected in live.items():
+        if key in _UNCHECKED_GROUP_KEYS or (cyclic and key == "momentum"):
+            continue
+        if key not in saved and key not in _GROUP_SETTINGS + _CYCLE_SETTINGS:
+            continue
+        value = saved.get(key)
+        same = (
+            isinstance(value, list | tuple) and _same_setting(value[1:], expected[1:])
+            if cyclic and key == "betas"
+            else _same_setting(value, expected)
+        )
+        if not same:
+            raise found.error(f"{where} has {key} {short(value)}, this run's {short(expected)}")
+
+
+def _same_setting(saved: Any, live: Any) -> bool:
+    """Whether a saved setting equals the live one: tuples and lists item by item, tensors by value."""
+    if isinstance(saved, torch.Tensor) or isinstance(live, torch.Tensor):
+        both = isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor)
+        return both and saved.shape == live.shape and torch.equal(saved.cpu(), live.cpu())
+    if isinstance(saved, list | tuple) and isinstance(live, list | tuple):
+        return len(saved) == len(live) and all(_same_setting(a, b) for a, b in zip(saved, live, strict=True))
+    return bool(saved == live)
 
 
 def _check_rng_state(found: Checkpoint, state: Any, name: str, current: dict[str, Any]) -> None:

@@ -404,7 +404,7 @@ def resolve(directory: Path, mode: str, open_checkpoint: Callable[[Path], T]) ->
     candidates = list_checkpoints(directory)
     if not candidates:
         if mode == "latest":
-            raise CheckpointError(f"--resume latest: no checkpoint in {directory}")
+            raise CheckpointError(f"no checkpoint in {directory}: 'latest' needs one ('auto' starts from scratch)")
         return None, []
     if mode == "latest":
         return open_checkpoint(candidates[-1]), []

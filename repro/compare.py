@@ -55,7 +55,8 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
     ``overwrite`` and ``resume`` as result-neutral, as compare always did.
 
     Raises:
-        CommandError: a folder, or its manifest, config or metrics, is missing, unreadable
+        CommandError: a folder, or its manifest, config or metrics, is missing (named, with
+            the four files compare needs), unreadable
             or malformed (not UTF-8, not valid JSON or YAML, past the bounds of
             :mod:`repro.files`); a manifest records no ``weights_sha256``; or a ``model.safetensors``
             is missing, a link or not one.
@@ -102,7 +103,13 @@ def _timing(key: str) -> bool:
 def _load_run(folder: Path) -> _Run:
     if not folder.is_dir():
         raise CommandError(f"run folder not found: {folder}")
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder)  # missing: "(is the run finished?)", as train.py writes it last
+    for name in (CONFIG_FILE, METRICS_FILE):  # what a script of your own may not write
+        if not os.path.lexists(folder / name):
+            raise CommandError(
+                f"{folder / name} not found: compare needs each run folder's {MANIFEST_FILE}, {CONFIG_FILE}, "
+                f"{METRICS_FILE} and {WEIGHTS_FILE}"
+            )
     return _Run(
         folder,
         manifest,

@@ -23,11 +23,15 @@ With accelerate, do not pass a DataLoader built on :class:`GlobalBatchSampler`
 to ``accelerator.prepare``: the sampler already yields this rank's share of
 each global batch, and accelerate's ``BatchSamplerShard`` would shard it a
 second time and, with 2 or more processes, yield no batch at all (measured:
-0 samples per rank, no error, accelerate 1.15). Build the sampler with
+0 samples per rank, no error, accelerate 1.15); with ``dispatch_batches=True``
+(accelerate's default for an ``IterableDataset``) its ``DataLoaderDispatcher``
+would instead split rank 0's share among the processes, and the other ranks'
+samples would never be trained on (measured: 20 of 40 samples an epoch with 2
+processes). Build the sampler with
 ``rank=accelerator.process_index, world_size=accelerator.num_processes``,
 prepare only the model and optimizer, and move each batch to
-``accelerator.device`` yourself. A sampler that accelerate shards raises
-``RuntimeError`` saying so when its first batch is drawn.
+``accelerator.device`` yourself. A sampler that accelerate shards or dispatches
+raises ``RuntimeError`` saying so when its first batch is drawn.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import operator
 import sys
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,14 @@ import torch
 
 from repro.seeding import seed_generators
 from repro.seeds import SeedPlan, derive_seed
+
+# The libraries whose frames lie between a DataLoader's consumer and the sampler it draws from.
+_LOADER_LIBRARIES = frozenset({"torch", "torchdata", "accelerate"})
+_PREPARE_ADVICE = (
+    "do not pass its DataLoader to accelerator.prepare; build GlobalBatchSampler(..., "
+    "rank=accelerator.process_index, world_size=accelerator.num_processes) and move each batch to "
+    "accelerator.device yourself"
+)
 
 SampleKey = tuple[int, int]
 """``(epoch, sample index)``: what a sample's augmentation depends on."""
@@ -67,6 +80,7 @@ class WorkerSeeder:
 
     def __init__(self, plan: SeedPlan | int, rank: int = 0) -> None:
         self.plan = SeedPlan.of(plan)
+        rank = _integer("rank", rank)  # checked here: in the worker, it would fail far from the mistake
         if rank < 0:
             raise ValueError(f"rank must be non-negative, got {rank}")
         self.rank = rank
@@ -90,13 +104,22 @@ def make_generator(seed: int, stream: str, *indices: int) -> torch.Generator:
 
 
 def _integer(name: str, value: object) -> int:
-    """``value`` as an int (NumPy's integers too), or a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool):
+    """``value`` as an int (NumPy's integers and one-element integer tensors too), or a
+    ``ValueError`` naming ``name``. A bool is refused: ``True`` is never meant as 1 here."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _flag(name: str, value: object) -> bool:
+    """``value`` as a bool (NumPy's too), or a ``ValueError`` naming ``name``: a string such as
+    ``"False"`` is true, so taking its truth would do the opposite of what it says."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 class GlobalBatchSampler:
@@ -122,7 +145,8 @@ class GlobalBatchSampler:
 
     It shards by itself: do not let accelerate shard it again. Leave its
     DataLoader out of ``accelerator.prepare`` (see the module's docstring);
-    iterating it under accelerate's ``BatchSamplerShard`` raises ``RuntimeError``.
+    iterating it under accelerate's ``BatchSamplerShard`` or ``DataLoaderDispatcher``
+    raises ``RuntimeError``.
     """
 
     def __init__(
@@ -146,6 +170,7 @@ class GlobalBatchSampler:
             raise ValueError(
                 f"global batch size {batch_size} must be a positive multiple of the world size {world_size}"
             )
+        shuffle, drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         if drop_last and num_samples < batch_size:
             raise ValueError(f"global batch size {batch_size} exceeds the {num_samples} samples with drop_last")
         self.num_samples = num_samples
@@ -216,11 +241,18 @@ class GlobalBatchSampler:
 
         A DataLoader fetches batches ahead of the training loop, so only the
         loop knows how many it has consumed since this iteration began: pass
-        that count.
+        that count. It must be an integer (a NumPy integer or a one-element
+        integer tensor is converted), so that the state reads back as one: a
+        float such as ``seen / batch_size`` raises ``ValueError``, as does a
+        count that puts the position outside the epoch's batches.
         """
-        position = self.start_batch + batches_consumed
+        consumed = _integer("batches_consumed", batches_consumed)
+        position = self.start_batch + consumed
         if not 0 <= position <= len(self):
-            raise ValueError(f"position {position} is outside the epoch's {len(self)} batches")
+            raise ValueError(
+                f"batches_consumed {consumed} puts the sampler at batch {position}, outside the epoch's "
+                f"{len(self)} batches (this iteration began at batch {self.start_batch})"
+            )
         return {
             "version": 1,
             "epoch": self.epoch,
@@ -244,18 +276,33 @@ class GlobalBatchSampler:
         self.set_epoch(int(state["epoch"]), int(state["position"]))
 
 
-def _refuse_second_sharding(caller: Any) -> None:
-    """Raise ``RuntimeError`` if ``caller``, the frame drawing the first batch, is accelerate's
-    ``BatchSamplerShard``: it would shard the already sharded batches again, and with
-    2 or more processes it yields none (it waits for batches of the global size)."""
-    shard_module = sys.modules.get("accelerate.data_loader")
-    if shard_module is None or caller is None:
+def _refuse_second_sharding(caller: FrameType | None) -> None:
+    """Raise ``RuntimeError`` if accelerate is drawing the first batch, as found in the frames
+    from ``caller`` (the frame drawing it) up to the first that is not torch's or accelerate's.
+
+    Its ``BatchSamplerShard`` would shard the already sharded batches again: with 2 or more
+    processes it yields none (it waits for batches of the global size). Its
+    ``DataLoaderDispatcher`` (``dispatch_batches=True``, accelerate's default for an
+    ``IterableDataset``) draws on rank 0 alone and splits rank 0's share among the processes:
+    the other ranks' samples are never trained on (half of each epoch with 2 processes). It is
+    refused with one process too, where it changes nothing, so that the script fails before
+    it runs on more.
+    """
+    accelerate_loader = sys.modules.get("accelerate.data_loader")
+    if accelerate_loader is None:
         return
-    drawer = caller.f_locals.get("self")
-    if isinstance(drawer, shard_module.BatchSamplerShard):
-        raise RuntimeError(
-            "accelerate is sharding a GlobalBatchSampler that already yields this rank's share of each "
-            f"global batch (it would train on nothing with {drawer.num_processes} processes): do not pass "
-            "its DataLoader to accelerator.prepare; build GlobalBatchSampler(..., rank=accelerator.process_index, "
-            "world_size=accelerator.num_processes) and move each batch to accelerator.device yourself"
-        )
+    frame = caller
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LOADER_LIBRARIES:
+        drawer = frame.f_locals.get("self")
+        if isinstance(drawer, accelerate_loader.BatchSamplerShard):
+            raise RuntimeError(
+                "accelerate is sharding a GlobalBatchSampler that already yields this rank's share of each "
+                f"global batch (it would train on nothing with {drawer.num_processes} processes): {_PREPARE_ADVICE}"
+            )
+        if isinstance(drawer, accelerate_loader.DataLoaderDispatcher):
+            raise RuntimeError(
+                "accelerate's DataLoaderDispatcher (dispatch_batches) is drawing a GlobalBatchSampler's batches on "
+                "rank 0 and splitting them among the processes, so the other ranks' samples would never be "
+                f"trained on: {_PREPARE_ADVICE}"
+            )
+        frame = frame.f_back

@@ -56,10 +56,13 @@ def reproduce_run(
 
     Nothing is created outside the temporary folder and ``output_dir``: a
     ``data_dir`` that train.py would create (to download CIFAR into) must exist
-    already, and a ``data_cache`` (train.py's decoded image folders) is set to
-    ``none``. The temporary folder is removed when the re-run fails or is
-    interrupted (by an exception, ``KeyboardInterrupt`` included; ``python -m
-    repro`` turns SIGTERM into one), and kept when it holds a finished re-run.
+    already (a config with no ``data_dir`` key is not checked), and a
+    ``data_cache`` (train.py's decoded image folders) is set to ``none``. The
+    script must write ``manifest.json`` with ``weights_sha256`` into the config's
+    ``output_dir``; one that writes none is an ``ERROR``, saying so. The
+    temporary folder is removed when the re-run fails or is interrupted (by an
+    exception, ``KeyboardInterrupt`` included; ``python -m repro`` turns SIGTERM
+    into one), and kept when it holds a finished re-run.
 
     Before the run, ``say`` receives one warning per difference between the
     recorded environment and this one, and after it one for a thread count the
@@ -135,6 +138,14 @@ def reproduce_run(
             return Report(
                 ERROR, [f"could not reproduce: {script.name} exited with status {status} (its error is above)"]
             )
+        if not os.path.lexists(output / MANIFEST_FILE):
+            return Report(
+                ERROR,
+                [
+                    f"could not reproduce: {script.name} exited with status 0 but wrote no manifest: reproduce "
+                    f"reads output_dir/{MANIFEST_FILE}, in the run folder its config's output_dir names"
+                ],
+            )
         rerun = read_json_object(output / MANIFEST_FILE)
         reproduced = rerun.get("weights_sha256")
         keep_scratch = chosen is None
@@ -176,9 +187,10 @@ def _check_data_dir(config: Mapping[str, Any], path: Path) -> None:
     anyone, and reproduce must not create folders wherever one says.
 
     train.py creates a missing ``data_dir`` only to download CIFAR into it; the
-    synthetic set reads no folder, and an image folder must exist already.
+    synthetic set reads no folder, and an image folder must exist already. A config
+    without a ``data_dir`` key (another script's) is not checked: it names no folder.
     """
-    if config.get("dataset") in DATASETS_READ_IN_PLACE:
+    if "data_dir" not in config or config.get("dataset") in DATASETS_READ_IN_PLACE:
         return
     data_dir = config.get("data_dir")
     if not isinstance(data_dir, str) or not Path(data_dir).is_dir():

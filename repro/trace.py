@@ -9,6 +9,12 @@ step, adds a line for the initial state (step 0, no loss).
 Comparing the two traces finds the first step and the first tensor that
 differ. Without the variables, :meth:`StepTracer.from_environment` returns
 ``None`` and tracing costs nothing.
+
+A traced run must start afresh and train the same steps both times: write its
+outputs (checkpoints above all) into :attr:`StepTracer.run_dir`, a fresh folder
+per run, not the script's usual output folder, and stop after
+:attr:`StepTracer.steps` steps. A script that resumes from its own output
+folder would find run 1's checkpoints in run 2 and trace nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +38,17 @@ class TraceSettingError(ValueError):
 
 
 class StepTracer:
-    """Writes ``rank-R.jsonl`` under the trace folder: one line per optimizer step."""
+    """Writes ``rank-R.jsonl`` under the trace folder: one line per optimizer step.
+
+    A traced script writes its outputs into :attr:`run_dir` and stops after
+    :attr:`steps` steps, in place of its usual output folder and length::
+
+        tracer = StepTracer.from_environment(rank)
+        run_dir, stop_at = (tracer.run_dir, tracer.steps) if tracer else (args.out, None)
+
+    Each of the verifier's two runs gets a fresh ``run_dir``; a script that kept
+    its own output folder would resume run 2 from run 1's checkpoints.
+    """
 
     def __init__(self, directory: Path, steps: int, rank: int) -> None:
         if steps < 1:

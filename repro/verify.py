@@ -189,6 +189,13 @@ def compare_traces(first: dict[int, list[dict]], second: dict[int, list[dict]], 
                 "after each optimizer step (see repro/trace.py)"
             )
         empty = [rank for rank, records in trace.items() if not records]
+        if empty and number == 2 and first.get(empty[0]):
+            # Run 1 trained; run 2, started in the same output folder, found its checkpoints and had nothing left.
+            raise CommandError(
+                f"run 2 traced no step on rank {empty[0]}, where run 1 traced {len(first[empty[0]])} records: it "
+                "probably resumed from run 1's output; a traced script must write into tracer.run_dir (a fresh "
+                "folder per run) and stop after tracer.steps steps"
+            )
         if empty:
             raise CommandError(f"run {number} traced no step on rank {empty[0]}")
     if set(first) != set(second):

@@ -217,3 +217,57 @@ def test_numpys_cached_gaussian_is_restored_in_the_main_process():
     np.random.randn()
     dataset[(0, 1)]
     assert np.random.randn() == expected
+
+
+class OwnGeneratorBrightness:
+    """A transform holding its own NumPy Generator, which SeededAugmentation cannot see."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.float() * float(self.rng.uniform(0.8, 1.2))
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+
+def own_generator_batches(num_workers: int, reseed: bool) -> list[torch.Tensor]:
+    transform = OwnGeneratorBrightness()
+    dataset = SeededAugmentation(
+        Images(), transform, SeedPlan(2333), generators=("torch",), reseed=transform.reseed if reseed else None
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=GlobalBatchSampler(len(dataset), 8, 2333),
+        num_workers=num_workers,
+        worker_init_fn=WorkerSeeder(2333),
+        generator=make_generator(2333, "t"),
+    )
+    return [images for images, _ in loader]
+
+
+def test_a_transforms_own_generator_reseeded_through_reseed_gives_the_same_batches_with_0_or_2_workers():
+    single, multi = own_generator_batches(0, reseed=True), own_generator_batches(2, reseed=True)
+    assert len(single) == len(multi) == 5
+    assert all(torch.equal(a, b) for a, b in zip(single, multi, strict=True))
+    # Without it, each worker draws from its own copy of the generator: other batches, and no error.
+    unseeded = own_generator_batches(2, reseed=False)
+    assert not all(torch.equal(a, b) for a, b in zip(single, unseeded, strict=True))
+
+
+def test_a_plain_int_seed_augments_as_its_plan_and_a_string_is_refused_at_construction():
+    transform = transforms.RandomCrop(32, padding=4)
+    plain = SeededAugmentation(Images(), transform, 2333, generators=("torch",))
+    planned = SeededAugmentation(Images(), transform, SeedPlan(2333), generators=("torch",))
+    assert torch.equal(plain[(1, 5)][0], planned[(1, 5)][0])
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\], got '2333'"):
+        SeededAugmentation(Images(), transform, "2333")
+
+
+def test_an_ordinary_sampler_is_told_to_use_the_global_batch_samplers_keys():
+    dataset = SeededAugmentation(Images(), transforms.RandomCrop(32, padding=4), 2333, generators=("torch",))
+    with pytest.raises(TypeError, match=r"^SeededAugmentation got the key 0, not \(epoch, index\): index it with "):
+        next(iter(DataLoader(dataset, batch_size=4)))
+    with pytest.raises(TypeError, match=r"^transform must be a callable, got None$"):
+        SeededAugmentation(Images(), None, 2333)

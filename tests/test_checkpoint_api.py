@@ -40,8 +40,10 @@ def test_save_restore_keep_and_resolve(tmp_path):
     run = make_run()
     ema = {"weight": torch.zeros(4, 3)}
     assert manager.restore("auto", **run) is None  # nothing yet
-    with pytest.raises(CheckpointError, match="no checkpoint in"):
-        manager.restore("latest", **run)
+    with pytest.raises(
+        CheckpointError, match=r"^no checkpoint in .*: 'latest' needs one \('auto' starts from scratch\)$"
+    ):
+        manager.restore("latest", **run)  # a line that names no flag of train.py's
     for step in range(1, 6):
         train_step(run)
         ema["weight"] += run["model"].weight.detach()
@@ -145,3 +147,20 @@ def test_a_run_that_went_back_sets_later_checkpoints_aside_and_keeps_what_it_wri
     names = ["step-00000003", "step-00000004", "step-00000004.1", "step-00000005"]
     assert sorted(path.name for path in set_aside.iterdir()) == names
     assert [path.name for path in manager.checkpoints()] == ["step-00000002", "step-00000003"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"keep": 2.5}, "keep must be an int of 1 or more, got 2.5"),
+        ({"keep": "3"}, "keep must be an int of 1 or more, got '3'"),
+        ({"keep": True}, "keep must be an int of 1 or more, got True"),
+        ({"keep": 0}, "keep must be an int of 1 or more, got 0"),
+        ({"best_key": 1}, "best_key must be the name of a progress value"),
+    ],
+    ids=repr,
+)
+def test_a_checkpointer_with_a_keep_that_is_not_a_count_is_refused_at_construction(arguments, message, tmp_path):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        Checkpointer(tmp_path, **arguments)
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from torch.optim import lr_scheduler
 
 from repro import checkpoint_format
 from repro.checkpoint import Checkpointer, CheckpointError
+from repro.loader import GlobalBatchSampler
 
 
 def make_run(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -90,6 +91,38 @@ def test_a_step_that_is_not_a_count_is_refused_before_anything_is_written(step, 
     assert entries(tmp_path / "checkpoints") == []
 
 
+@pytest.mark.parametrize(
+    ("consumed", "message"),
+    [
+        (1.5, r"batches_consumed must be an integer, got 1\.5"),  # seen / batch_size: resume would refuse it
+        (True, "batches_consumed must be an integer, got True"),
+        ("2", "batches_consumed must be an integer, got '2'"),
+        (5, r"batches_consumed 5 puts the sampler at batch 5, outside the epoch's 4 batches"),
+    ],
+    ids=repr,
+)
+def test_a_batches_consumed_that_is_not_a_count_in_the_epoch_is_refused_before_anything_is_written(
+    consumed, message, tmp_path
+):
+    model, optimizer = make_run()
+    sampler = GlobalBatchSampler(32, 8, 1)
+    with pytest.raises(CheckpointError, match=rf"^cannot save checkpoint step 1: {message}") as raised:
+        Checkpointer(tmp_path).save(1, model=model, optimizer=optimizer, sampler=sampler, batches_consumed=consumed)
+    assert "\n" not in str(raised.value)
+    assert entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("consumed", [np.int64(3), torch.tensor(3)], ids=repr)
+def test_a_numpy_or_tensor_batches_consumed_is_saved_as_an_int_and_resumed(consumed, tmp_path):
+    model, optimizer = make_run()
+    Checkpointer(tmp_path).save(
+        1, model=model, optimizer=optimizer, sampler=GlobalBatchSampler(32, 8, 1), batches_consumed=consumed
+    )
+    resumed = GlobalBatchSampler(32, 8, 1)
+    Checkpointer(tmp_path).restore("latest", model=model, optimizer=optimizer, sampler=resumed)
+    assert resumed.start_batch == 3 and type(resumed.state_dict(0)["position"]) is int
+
+
 def test_steps_past_eight_digits_are_listed_in_order_and_resumed(tmp_path):
     manager = Checkpointer(tmp_path, keep=2)
     model, optimizer = make_run()
@@ -137,6 +170,24 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda d: Checkpointer(d).save(1, model=nn.Sequential(ExtraState(3, 2)), optimizer=make_run()[1]),
         r"'0._extra_state' is a dict, not a tensor \(module 0's get_extra_state\)",
     ),
+    "module as a tensor group": (
+        lambda d: Checkpointer(d).save(
+            1, model=nn.Linear(3, 2), optimizer=make_run()[1], tensors={"ema": nn.Linear(3, 2)}
+        ),
+        r"tensors\['ema'\] is a Linear, not a mapping of names to tensors: pass its state_dict\(\)$",
+    ),
+    "number in a tensor group": (
+        lambda d: Checkpointer(d).save(
+            1, model=nn.Linear(3, 2), optimizer=make_run()[1], tensors={"ema": {"w": torch.zeros(2), "decay": 0.9}}
+        ),
+        r"tensors\['ema'\]\['decay'\] is a float, not a tensor",
+    ),
+    "tensor as a tensor group": (
+        lambda d: Checkpointer(d).save(
+            1, model=nn.Linear(3, 2), optimizer=make_run()[1], tensors={"ema": torch.zeros(2)}
+        ),
+        r"tensors\['ema'\] is a Tensor, not a mapping",
+    ),
     "scheduler state": (
         lambda d: Checkpointer(d).save(
             1,
@@ -156,6 +207,14 @@ def test_what_a_checkpoint_cannot_hold_is_refused_in_one_line_and_leaves_no_fold
         save(tmp_path / "checkpoints")
     assert "\n" not in str(raised.value)
     assert entries(tmp_path / "checkpoints") == []  # no staging folder left
+
+
+def test_restore_refuses_a_module_as_a_tensor_group_before_reading(tmp_path):
+    model, optimizer = make_run()
+    manager = Checkpointer(tmp_path)
+    manager.save(1, model=model, optimizer=optimizer, tensors={"ema": nn.Linear(3, 2).state_dict()})
+    with pytest.raises(ValueError, match=r"^tensors\['ema'\] is a Linear, not a mapping .*: pass its state_dict\(\)$"):
+        manager.restore("latest", model=model, optimizer=optimizer, tensors={"ema": nn.Linear(3, 2)})
 
 
 class Tied(nn.Module):
@@ -246,6 +305,50 @@ def test_a_cyclic_schedulers_momentum_bounds_are_still_the_runs(tmp_path):
         Checkpointer(tmp_path).restore("latest", model=model, optimizer=optimizer, scheduler=other)
 
 
+def adamw(model: nn.Module, **settings: object) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=0.01, **settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"betas": (0.5, 0.9)}, r"group 0 has betas \(0\.9, 0\.999\), this run's \(0\.5, 0\.9\)$"),
+        ({"eps": 1e-3}, r"group 0 has eps 1e-08, this run's 0\.001$"),
+        ({"amsgrad": True}, "group 0 has amsgrad False, this run's True$"),
+    ],
+    ids=str,
+)
+def test_changed_optimizer_settings_are_refused_not_replaced_by_the_files(settings, message, tmp_path):
+    model, _ = make_run()
+    optimizer = adamw(model)
+    train_step(model, optimizer)
+    Checkpointer(tmp_path).save(1, model=model, optimizer=optimizer)
+    changed = adamw(model, **settings)
+    with pytest.raises(CheckpointError, match=message):
+        Checkpointer(tmp_path).restore("latest", model=model, optimizer=changed)
+    assert all(changed.param_groups[0][key] == value for key, value in settings.items())  # still the run's own
+
+
+def test_adam_resumes_under_one_cycle_which_moves_its_first_beta_and_not_its_second(tmp_path):
+    model, _ = make_run()
+    optimizer = adamw(model)
+    scheduler = lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=10)
+    for _ in range(3):
+        train_step(model, optimizer)
+        scheduler.step()
+    Checkpointer(tmp_path).save(3, model=model, optimizer=optimizer, scheduler=scheduler)
+    resumed = adamw(make_run(seed=1)[0])
+    restored = Checkpointer(tmp_path).restore(
+        "latest", model=model, optimizer=resumed, scheduler=lr_scheduler.OneCycleLR(resumed, 0.1, total_steps=10)
+    )
+    assert restored.step == 3 and resumed.param_groups[0]["betas"] == optimizer.param_groups[0]["betas"]
+    other = adamw(model, betas=(0.9, 0.99))
+    with pytest.raises(CheckpointError, match=r"group 0 has betas \(0\.\d+, 0\.999\), this run's \(0\.95, 0\.99\)$"):
+        Checkpointer(tmp_path).restore(
+            "latest", model=model, optimizer=other, scheduler=lr_scheduler.OneCycleLR(other, 0.1, total_steps=10)
+        )
+
+
 def test_a_checkpoint_of_the_previous_format_is_refused_in_one_line(tmp_path):
     model, optimizer = make_run()
     manager = Checkpointer(tmp_path)
@@ -271,12 +374,16 @@ try:
     Checkpointer(CHECKPOINTS).save(1, model=model, optimizer=optimizer, progress=progress)
 except CheckpointError as error:  # each rank's own file: two ranks' prints may interleave
     pathlib.Path(f"{CHECKPOINTS}-rank-{dist.get_rank()}.txt").write_text(str(error))
+try:  # read by the main rank alone once the others wrote their part, it once split the ranks
+    Checkpointer(CHECKPOINTS).save(2, model=model, optimizer=optimizer, tensors={"ema": nn.Linear(2, 2)})
+except CheckpointError as error:
+    pathlib.Path(f"{CHECKPOINTS}-group-rank-{dist.get_rank()}.txt").write_text(str(error))
 dist.destroy_process_group()
 """
 
 
-def test_a_bad_progress_value_stops_both_processes_with_the_same_line(tmp_path):
-    """Only the main rank's progress values are saved: the other rank still gets its error."""
+def test_a_bad_progress_value_or_tensor_group_stops_both_processes_with_the_same_line(tmp_path):
+    """Only the main rank's progress values and tensor groups are saved: the other rank still gets its error."""
     checkpoints = tmp_path / "checkpoints"
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.replace("CHECKPOINTS", repr(str(checkpoints))))
@@ -288,4 +395,8 @@ def test_a_bad_progress_value_stops_both_processes_with_the_same_line(tmp_path):
     errors = [(tmp_path / f"checkpoints-rank-{rank}.txt").read_text() for rank in (0, 1)]
     assert errors[0] == errors[1] and "\n" not in errors[0]
     assert errors[0].startswith("cannot save checkpoint step 1: progress['loss'] is not a JSON value")
+    errors = [(tmp_path / f"checkpoints-group-rank-{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1]
+    module_group = "tensors['ema'] is a Linear, not a mapping of names to tensors: pass its state_dict()"
+    assert errors[0] == f"cannot save checkpoint step 2: {module_group}"
     assert entries(checkpoints) == []

@@ -7,9 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from repro.augment import SeededAugmentation
 from repro.loader import GlobalBatchSampler, WorkerSeeder, make_generator
+from repro.seeds import SeedPlan
 
 
 def shards(num_samples, batch_size, world_size, epoch=0, drop_last=False):
@@ -54,6 +56,27 @@ def test_bad_sampler_arguments_raise_value_errors():
     with pytest.raises(ValueError, match=r"epoch must be an integer, got 1\.5"):
         GlobalBatchSampler(100, 32, 0).set_epoch(1.5)
     assert len(GlobalBatchSampler(np.int64(100), 32, 0)) == 3  # NumPy's integers are integers
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"shuffle": "no"}, "shuffle must be True or False, got 'no'"),
+        ({"drop_last": "False"}, "drop_last must be True or False, got 'False'"),  # a true string
+        ({"shuffle": 0}, "shuffle must be True or False, got 0"),
+    ],
+    ids=repr,
+)
+def test_sampler_flags_that_are_not_bools_are_refused(arguments, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        GlobalBatchSampler(100, 32, 0, **arguments)
+    assert GlobalBatchSampler(100, 32, 0, shuffle=np.False_).shuffle is False
+
+
+def test_a_worker_seeder_rank_that_is_not_an_integer_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"^rank must be an integer, got 1\.5$"):
+        WorkerSeeder(1, 1.5)
+    assert WorkerSeeder(1, np.int64(1)).rank == 1
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
@@ -109,6 +132,20 @@ def test_bad_arguments_raise():
         GlobalBatchSampler(100, 10, 1, world_size=3)
     with pytest.raises(ValueError, match="rank"):
         GlobalBatchSampler(100, 10, 1, rank=2, world_size=2)
+
+
+def test_a_loader_prepared_with_dispatch_batches_raises_instead_of_training_on_rank_0s_share():
+    # dispatch_batches=True (accelerate's default for an IterableDataset) wraps the loader in a
+    # DataLoaderDispatcher, which draws on rank 0 and splits that share among the ranks. Its frames
+    # draw the first batch as they do with 2 processes; refused with one too, before a run on more.
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=True))
+    plan = SeedPlan(1)
+    dataset = SeededAugmentation(TensorDataset(torch.arange(16.0)), lambda x: x, plan, generators=("torch",))
+    loader = accelerator.prepare(DataLoader(dataset, batch_sampler=GlobalBatchSampler(16, 4, plan)))
+    with pytest.raises(RuntimeError, match=r"DataLoaderDispatcher \(dispatch_batches\) is drawing a GlobalBatchSam"):
+        next(iter(loader))
 
 
 class Draws(Dataset):

@@ -124,6 +124,16 @@ BROKEN_RUNS: dict[str, tuple[Callable[[Path], object], str, str]] = {
         "model.safetensors not found: cannot compare the weights",
         "model.safetensors",
     ),
+    "config-missing": (
+        lambda run: (run / "config.yaml").unlink(),
+        "config.yaml not found: compare needs each run folder's manifest.json, config.yaml, metrics.jsonl and ",
+        "config.yaml",
+    ),
+    "metrics-missing": (
+        lambda run: (run / "metrics.jsonl").unlink(),
+        "metrics.jsonl not found: compare needs",
+        "metrics.jsonl",
+    ),
     "manifest-without-weights-digest": (
         lambda run: without_weights_digest(run),
         "records no weights_sha256 (is the run finished?): cannot compare the weights",
@@ -257,6 +267,37 @@ def test_reproduce_writes_no_data_cache_a_manifest_names(reference_run, tmp_path
     assert status == 1, capsys.readouterr().err[-2000:]  # trained, on other data than the reference's
     assert read_manifest(tmp_path / "again")["config"]["data_cache"] == "none"
     assert not elsewhere.exists()
+
+
+# A training script of the user's own: its config has none of train.py's keys, no data_dir among them.
+FOREIGN_SCRIPT = """
+import hashlib, json, sys
+from pathlib import Path
+import yaml
+config = yaml.safe_load(Path(sys.argv[2]).read_text())
+run = Path(config["output_dir"])
+run.mkdir(parents=True)
+if config["write_manifest"]:
+    digest = hashlib.sha256(str(config["seed"]).encode()).hexdigest()
+    (run / "manifest.json").write_text(json.dumps({"weights_sha256": digest, "config": config}))
+"""
+
+
+def test_reproduce_reruns_a_script_whose_config_names_no_data_dir_and_says_when_it_writes_no_manifest(tmp_path, capsys):
+    script = tmp_path / "foreign.py"
+    script.write_text(FOREIGN_SCRIPT)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"seed: 7\nwrite_manifest: true\noutput_dir: {tmp_path / 'run'}\n")
+    subprocess.run([sys.executable, str(script), "--config", str(config)], check=True, timeout=60)
+    assert main(["reproduce", str(tmp_path / "run"), "--script", str(script)]) == 0, capsys.readouterr().err
+    assert "reproduced: weights_sha256" in capsys.readouterr().out
+    # The same run, re-run by a script that writes no manifest: the error says so, naming no temporary folder.
+    edit_manifest(tmp_path / "run", config={"seed": 7, "write_manifest": False, "output_dir": "run"})
+    assert main(["reproduce", str(tmp_path / "run"), "--script", str(script)]) == 2
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "could not reproduce: foreign.py exited with status 0 but wrote no manifest: "
+        "reproduce reads output_dir/manifest.json, in the run folder its config's output_dir names"
+    )
 
 
 # SIGINT takes the same path as SIGTERM: it runs with the slow tests, to keep `make test` under 10 minutes.

@@ -255,6 +255,41 @@ def test_verify_refuses_a_malformed_trace_record_in_one_line(tmp_path, capsys, k
     )
 
 
+# A script that keeps its own output folder under the verifier, as one written from an older README
+# would: run 2 finds run 1's "checkpoint" there, resumes at the end, and trains no step.
+RESUMING_TRAINING = """
+import sys
+from pathlib import Path
+
+import torch
+
+from repro.trace import StepTracer
+
+out = Path(sys.argv[1])
+tracer = StepTracer.from_environment(0)
+torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+checkpoint = out / "checkpoint.pt"
+step = torch.load(checkpoint) if checkpoint.exists() else 0
+while step < 3:
+    step += 1
+    tracer.record(step, 0.5, model)
+out.mkdir(exist_ok=True)
+torch.save(step, checkpoint)
+"""
+
+
+def test_verify_says_a_second_run_that_traced_nothing_probably_resumed_from_the_first(tmp_path, child_env):
+    script = tmp_path / "resuming_training.py"
+    script.write_text(RESUMING_TRAINING)
+    with pytest.raises(CommandError) as raised:
+        verify_command([sys.executable, str(script), str(tmp_path / "out")], steps=3)
+    assert str(raised.value) == (
+        "run 2 traced no step on rank 0, where run 1 traced 3 records: it probably resumed from run 1's output; "
+        "a traced script must write into tracer.run_dir (a fresh folder per run) and stop after tracer.steps steps"
+    )
+
+
 def test_verify_reports_a_failing_run_with_its_output(child_env):
     failing = "import sys; print('loading data'); sys.exit('train: error: no such dataset')"
     report = verify_command([sys.executable, "-c", failing], steps=2)
