@@ -135,6 +135,20 @@ def test_a_run_resumed_elsewhere_says_so_and_its_folder_never_describes_two_ends
     assert said == [resumed_elsewhere_warning.replace(f"A ({run_dir})", "this run")]
 
 
+def test_a_malformed_record_of_resumes_elsewhere_is_refused_and_none_is_read_as_none(reference_run):
+    from cifar.checkpoint import check_schema
+
+    found = checkpoint.load(reference_run / "checkpoints" / "step-00000008")
+    check_schema(found)  # written without one, as every checkpoint before the record existed
+    key = "resumed_in_other_environments"
+    for malformed in ({"step": 5}, [{"step": -1, "differences": []}], [{"step": 5, "differences": "git_commit"}]):
+        found.state[key] = malformed
+        with pytest.raises(checkpoint.CheckpointError, match=f"state.json's '{key}' is not a list of"):
+            check_schema(found)
+    found.state[key] = [{"step": 5, "differences": ["git_commit: 'a' -> 'b'"]}]
+    check_schema(found)
+
+
 def start_training(run_dir: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *TINY, "--output-dir", str(run_dir), *args],
