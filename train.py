@@ -54,6 +54,7 @@ from cifar.outputs import (
     MetricsLog,
     RunFolderError,
     clear_run_dir,
+    remove_final_files,
     resolve_config,
     run_dir_of,
     write_config,
@@ -65,7 +66,7 @@ from repro.checkpoint import CheckpointError
 from repro.determinism import configure_determinism
 from repro.distributed import LauncherVariableError, get_rank
 from repro.fingerprint import environment_fingerprint
-from repro.manifest import CURVES_FILE, METRICS_FILE, WEIGHTS_FILE, write_manifest
+from repro.manifest import CURVES_FILE, METRICS_FILE, RESUMED_ELSEWHERE, WEIGHTS_FILE, write_manifest
 from repro.seeding import seed_everything
 from repro.seeds import SeedPlan
 from repro.stop import JOB_STOP_SIGNALS, GracefulStop
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     if splits.source:
         accelerator.print(splits.source)
     train_batches, sampler, test_batches = build_loaders(config, splits, seeds, accelerator)
+    last_step = config.epochs * len(sampler)
+    if config.max_steps is not None and config.max_steps >= last_step:
+        # It stops nothing: the run records null, as one never stopped does (for compare, and a resume).
+        config = replace(config, max_steps=None)
     model = build_model_for(config, splits, seeds, accelerator)
     # The optimizer, its schedule and the lookahead; the model and optimizer prepared by accelerate.
     training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
@@ -108,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         clear_run_dir(run_dir)  # only now: a run refused above (its data, its batch size) deletes nothing
 
     metrics = MetricsLog(run_dir / METRICS_FILE)
-    progress, loss_sum = resume(training, metrics)
+    progress, loss_sum = resume(training)
     if accelerator.is_main_process:
+        if progress.step < (config.max_steps or last_step):
+            # Training on, the run leaves the end its manifest describes: a kill from here on
+            # must leave no manifest beside the checkpoints, metrics and config of another end.
+            remove_final_files(run_dir)
         write_config(run_dir, config)
-        if progress.step == 0:
-            metrics.rewrite([])
+        metrics.rewrite(progress.records)  # a resumed run drops the lines logged after its checkpoint
     tracking.init_trackers(accelerator, run_dir, progress.step)
     accelerator.wait_for_everyone()
 
@@ -256,8 +264,6 @@ def finish_epoch(
         "elapsed_s": time.perf_counter() - clock.run_start,
     }
     step_log.flush(accelerator)  # after the timings: writing to the tracker is neither training nor evaluation
-    if accelerator.is_main_process:
-        metrics.append(record)
     accelerator.print(
         f"epoch {epoch + 1}/{config.epochs}  step {progress.step}  train loss {train_loss:.4f}  "
         f"test acc {result['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s"
@@ -270,6 +276,10 @@ def finish_epoch(
         loss_sum.zero_()
         save_checkpoint(training, progress, loss_sum, test_accuracy=result["test_accuracy"])
         clock.epoch_start, clock.first_position = time.perf_counter(), 0
+    # Only now, a checkpoint of this step written: a folder whose metrics.jsonl holds a record
+    # but that has no checkpoint is one whose checkpoints were deleted (cifar/outputs.py: run_result_file).
+    if accelerator.is_main_process:
+        metrics.append(record)
     return result
 
 
@@ -357,6 +367,8 @@ def save(
         "environment": training.environment,
         "config": config_to_dict(config),
     }
+    if progress.resumed_elsewhere:
+        manifest[RESUMED_ELSEWHERE] = progress.resumed_elsewhere
     try:
         write_weights(run_dir / WEIGHTS_FILE, model_state)
         write_manifest(run_dir, manifest, RESULT_NEUTRAL_KEYS)

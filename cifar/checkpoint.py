@@ -5,8 +5,10 @@ train.py saves through :class:`repro.checkpoint.Checkpointer`, with these
 progress values in ``state.json``: the epoch and position, the metrics of the
 completed epochs, the last test accuracy (the best checkpoint is kept), the
 gradient scaler's state, the resolved config and the environment and dataset
-fingerprints; each ``rank-R.json`` also holds the rank's running loss sum, and
-``optimizer.pt`` the lookahead's slow weights when the run has them.
+fingerprints, and, once the run was resumed under another environment, where
+and what differed (``RESUMED_ELSEWHERE``, which the manifest takes over); each
+``rank-R.json`` also holds the rank's running loss sum, and ``optimizer.pt``
+the lookahead's slow weights when the run has them.
 
 :func:`check_schema` and :func:`check_counters` run before anything is applied,
 so that ``--resume auto`` falls back past a checkpoint whose values do not agree
@@ -28,13 +30,13 @@ from torch import nn
 
 from cifar.config import TrainConfig, UsageError, config_differences, config_to_dict
 from cifar.lookahead import Lookahead
-from cifar.outputs import MetricsLog
+from cifar.outputs import no_checkpoint_to_resume, run_result_file
 from repro import checkpoint_format
 from repro.checkpoint import Checkpoint, Checkpointer, CheckpointError, check_structure
 from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256
 from repro.fingerprint import compare_fingerprints
 from repro.loader import GlobalBatchSampler
-from repro.manifest import CHECKPOINTS_DIR
+from repro.manifest import CHECKPOINTS_DIR, RESUMED_ELSEWHERE, is_environment_history
 from repro.report import short
 
 LOOKAHEAD_KEY = "lookahead"  # the tensor group of the lookahead's slow weights, when the run has them
@@ -69,20 +71,25 @@ STATE_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "environment": (lambda v: isinstance(v, dict), "a mapping"),
     "dataset_sha256": (is_sha256, "a SHA-256"),
 }
+# Keys state.json holds only when they have something to say: the checkpoints of a run never resumed
+# under another environment (all those written before the key existed) are read as holding [].
+OPTIONAL_STATE_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    RESUMED_ELSEWHERE: (is_environment_history, "a list of {step, differences} records"),
+}
 _FORMAT_KEYS = {"format", "version", "tied", "files", "state_sha256"}  # checked by repro.checkpoint_format
 
 
 def check_schema(found: Checkpoint) -> None:
-    """``state.json`` holds every key of :data:`STATE_SCHEMA`, of the right type, and no other;
-    every rank file holds an RNG state and a loss sum."""
+    """``state.json`` holds every key of :data:`STATE_SCHEMA`, of the right type, maybe keys of
+    :data:`OPTIONAL_STATE_SCHEMA`, and no other; every rank file holds an RNG state and a loss sum."""
     state = found.state
-    unknown = sorted(set(state) - set(STATE_SCHEMA) - _FORMAT_KEYS)
+    unknown = sorted(set(state) - set(STATE_SCHEMA) - set(OPTIONAL_STATE_SCHEMA) - _FORMAT_KEYS)
     if unknown:
         raise found.error(f"{STATE_FILE} has unknown keys {short(unknown)}")
-    for key, (check, description) in STATE_SCHEMA.items():
-        if key not in state:
+    for key, (check, description) in {**STATE_SCHEMA, **OPTIONAL_STATE_SCHEMA}.items():
+        if key not in state and key in STATE_SCHEMA:
             raise found.error(f"{STATE_FILE} lacks {key!r}")
-        if not check(state[key]):
+        if key in state and not check(state[key]):
             raise found.error(f"{STATE_FILE}'s {key!r} is not {description}")
     for rank in found.ranks:
         data = found.rank_state(rank)
@@ -125,6 +132,9 @@ def check_counters(
     scheduler = found.scheduler_state() or {}
     if scheduler.get("last_epoch") != step:
         raise found.error(f"scheduler last_epoch {short(scheduler.get('last_epoch'))} is not step {step}")
+    resumed_at = [entry["step"] for entry in state.get(RESUMED_ELSEWHERE, [])]
+    if resumed_at != sorted(resumed_at) or any(resumed > step for resumed in resumed_at):
+        raise found.error(f"{RESUMED_ELSEWHERE} names steps {short(resumed_at)}, not in order up to step {step}")
     if state["scaler"] is not None and scaler_state is not None:
         common = set(state["scaler"]) & set(scaler_state)
         check_structure(found, {k: state["scaler"][k] for k in common}, {k: scaler_state[k] for k in common}, "scaler")
@@ -138,6 +148,8 @@ class Progress:
     position: int = 0  # global batches of that epoch already trained
     step: int = 0  # optimizer steps since the run began
     records: list[dict] = field(default_factory=list)  # metrics of completed epochs
+    # Each resume under another environment than its checkpoint's: {"step", "differences"} (RESUMED_ELSEWHERE).
+    resumed_elsewhere: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -181,6 +193,18 @@ def save_checkpoint(
     folder; the checkpoints written before stay as they were.
     """
     config, accelerator, sampler = training.config, training.accelerator, training.sampler
+    values = {
+        "epoch": progress.epoch,
+        "position": progress.position,
+        "records": progress.records,
+        "test_accuracy": test_accuracy,
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "config": config_to_dict(config),
+        "environment": training.environment,
+        "dataset_sha256": training.dataset_sha256,
+    }
+    if progress.resumed_elsewhere:  # only then: the checkpoint stays one that earlier code resumes
+        values[RESUMED_ELSEWHERE] = progress.resumed_elsewhere
     checkpoints(training).save(
         progress.step,
         model=accelerator.unwrap_model(training.model),
@@ -188,16 +212,7 @@ def save_checkpoint(
         scheduler=training.scheduler,
         sampler=sampler,
         batches_consumed=progress.position - sampler.start_batch,
-        progress={
-            "epoch": progress.epoch,
-            "position": progress.position,
-            "records": progress.records,
-            "test_accuracy": test_accuracy,
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "config": config_to_dict(config),
-            "environment": training.environment,
-            "dataset_sha256": training.dataset_sha256,
-        },
+        progress=values,
         rank_progress={"loss_sum": loss_sum.item()},
         tensors=lookahead_tensors(training),
     )
@@ -225,8 +240,14 @@ def check_continues_run(training: Training, found: Checkpoint) -> None:
     check_counters(found, len(training.sampler), training.sampler.state_dict(0), scaler_state)
 
 
-def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Tensor]:
-    """Restore everything from the checkpoint `--resume` names, or start afresh."""
+def resume(training: Training) -> tuple[Progress, torch.Tensor]:
+    """Restore everything from the checkpoint `--resume` names, or start afresh.
+
+    ``auto`` finding no checkpoint it can resume in a folder that holds a run's results
+    (:func:`cifar.outputs.run_result_file`) raises RunFolderError: a fresh start would replace them.
+    A resume under another environment than the checkpoint's warns, and is recorded in the
+    progress, for the checkpoints and the manifest to come.
+    """
     config, accelerator = training.config, training.accelerator
     loss_sum = torch.zeros((), device=accelerator.device)
     if config.resume is None:
@@ -244,11 +265,18 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
         check=functools.partial(check_continues_run, training),
     )
     if restored is None:
-        accelerator.print("resume: no checkpoint yet; starting from scratch")
+        result_file = run_result_file(training.run_dir)
+        if result_file is not None:  # its checkpoints all damaged, or deleted since the folder was checked
+            raise no_checkpoint_to_resume(training.run_dir, result_file)
+        accelerator.print("resume: no checkpoint to resume; starting from scratch")
         return Progress(), loss_sum
     state = restored.progress
-    for difference in compare_fingerprints(state["environment"], training.environment):
+    differences = compare_fingerprints(state["environment"], training.environment)
+    for difference in differences:
         warnings.warn(f"environment differs, bitwise equality is no longer promised: {difference}", stacklevel=1)
+    resumed_elsewhere = state.get(RESUMED_ELSEWHERE, [])
+    if differences:
+        resumed_elsewhere = [*resumed_elsewhere, {"step": restored.step, "differences": differences}]
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     if state["environment"].get("world_size", accelerator.num_processes) != accelerator.num_processes:
@@ -259,13 +287,11 @@ def resume(training: Training, metrics: MetricsLog) -> tuple[Progress, torch.Ten
         loss_sum = torch.tensor(sum(sums) / len(sums), device=accelerator.device)
     elif restored.rank_progress is not None:
         loss_sum = torch.tensor(restored.rank_progress["loss_sum"], device=accelerator.device)
-    progress = Progress(state["epoch"], state["position"], restored.step, state["records"])
+    progress = Progress(state["epoch"], state["position"], restored.step, state["records"], resumed_elsewhere)
     if config.max_steps is not None and progress.step > config.max_steps:
         raise UsageError(
             f"--max-steps {config.max_steps}: the run resumed from {restored.path} is at step {progress.step} "
             "already; give a later step, or leave it out"
         )
-    if accelerator.is_main_process:
-        metrics.rewrite(progress.records)
     accelerator.print(f"resumed from {restored.path} at step {progress.step} (epoch {progress.epoch + 1})")
     return progress, loss_sum

@@ -83,8 +83,10 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     """The run's config: the command line's, over the run's saved ``config.yaml`` when resuming.
 
     A resumed run is the run that was started, so ``--resume latest --output-dir
-    X`` alone continues it with the settings it began with. Values given (flags,
-    and the keys of a ``--config`` file) override the saved ones only for
+    X`` alone continues it with the settings it began with; ``--resume PATH
+    --output-dir NEW``, into a folder without a ``config.yaml``, takes them from
+    the checkpoint's ``state.json`` and continues its run into NEW. Values given
+    (flags, and the keys of a ``--config`` file) override the saved ones only for
     run-control keys; any other value that differs would make a different run
     and is refused. ``--overwrite`` with ``--resume`` is refused too: the one
     deletes what the other would continue.
@@ -96,10 +98,15 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     if config.overwrite:
         raise ConfigError("--overwrite deletes the run that --resume would continue: give one or the other")
     config_file = run_dir_of(config) / CONFIG_FILE
-    if not (_exists(config_file) and config_file.is_file()):
+    if _exists(config_file) and config_file.is_file():
+        source, raw = f"in {config_file.parent}", load_yaml(config_file)
+    elif config.resume not in ("latest", "auto"):
+        config_file = Path(config.resume) / checkpoint_format.STATE_FILE
+        source, raw = f"of checkpoint {config.resume}", _checkpoint_config(Path(config.resume))
+    else:
         return validate(config)
     try:
-        saved = {str(key): coerce(str(key), value) for key, value in load_yaml(config_file).items()}
+        saved = {str(key): coerce(str(key), value) for key, value in raw.items()}
     except ConfigError as error:
         raise ConfigError(f"{config_file}: {error}") from None
     saved = {key: value for key, value in saved.items() if key not in INVOCATION_KEYS}
@@ -110,10 +117,24 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
     ]
     if changed:
         raise ConfigError(
-            f"--resume continues the run in {config_file.parent} as it was started, but these settings differ "
+            f"--resume continues the run {source} as it was started, but these settings differ "
             f"({'; '.join(changed)}); leave them out, or start a new run in another --output-dir"
         )
     return validate(TrainConfig(**{**saved, **given}))
+
+
+def _checkpoint_config(checkpoint: Path) -> dict[str, Any]:
+    """The resolved config that train.py saved in ``checkpoint``'s ``state.json``, as read (values unchecked).
+
+    The folder is verified first (format, version, hashes: :func:`repro.checkpoint_format.load`);
+    raises its :class:`~repro.checkpoint_format.CheckpointError`, one line, for one that is not
+    a checkpoint of this project's, or is damaged.
+    """
+    found = checkpoint_format.load(checkpoint)
+    config = found.state.get("config")
+    if not isinstance(config, dict):
+        raise found.error(f"{checkpoint_format.STATE_FILE} records no config: it is not a checkpoint of train.py's")
+    return config
 
 
 def _exists(path: Path) -> bool:
@@ -182,7 +203,8 @@ def _stray(entry: Path) -> Path | None:
 
 def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
     """Refuse a folder this run may not write: not a folder, not a run folder of this
-    project, or one that holds a different run (unless ``--overwrite``).
+    project, or (unless ``--overwrite``) one that holds a different run, or this run's
+    results with no checkpoint that ``--resume`` could continue.
 
     Read-only. A folder holding the same resolved config (up to run-control keys
     such as ``num_workers``) is the same run: it may be written again, and resumed.
@@ -219,6 +241,35 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
             f"output folder {output_dir} holds checkpoints of this run; continue it with --resume auto, "
             "or start again with --overwrite"
         )
+    # Started afresh, a run would replace the results of the one there (its checkpoints deleted to save disk).
+    if config.resume in (None, "auto") and not checkpoint_format.list_checkpoints(output_dir / CHECKPOINTS_DIR):
+        result_file = run_result_file(output_dir)
+        if result_file is not None:
+            raise no_checkpoint_to_resume(output_dir, result_file)
+
+
+def run_result_file(run_dir: Path) -> str | None:
+    """The name of the first file in ``run_dir`` that holds a run's results: its manifest, its
+    final weights, or a metrics record; None if it holds none.
+
+    A run appends a metrics record only once a checkpoint holds that step (train.py's
+    finish_epoch), so a folder holding one of these files but no checkpoint holds a run
+    that cannot be continued, only replaced.
+    """
+    for name in (MANIFEST_FILE, WEIGHTS_FILE, METRICS_FILE):
+        path = run_dir / name
+        if path.is_symlink() or (path.is_file() and (name != METRICS_FILE or path.stat().st_size > 0)):
+            return name
+    return None
+
+
+def no_checkpoint_to_resume(run_dir: Path, result_file: str) -> RunFolderError:
+    """The refusal of a run that would start afresh over ``run_dir``, which holds ``result_file``
+    (:func:`run_result_file`) but no checkpoint to resume."""
+    return RunFolderError(
+        f"output folder {run_dir} holds a run ({result_file}) with no checkpoint to resume; "
+        "start it again with --overwrite, or choose another --output-dir"
+    )
 
 
 def claim_run_dir(run_dir: Path, config: TrainConfig) -> None:
@@ -254,6 +305,27 @@ def clear_run_dir(run_dir: Path) -> None:
     for entry in sorted(run_dir.iterdir()):
         if entry.name not in (LOCK_NAME, MARKER_NAME):
             _remove(entry)
+
+
+# The files a run writes as it ends (train.py's save), in the order they are removed: the manifest,
+# which says the run finished with the weights beside it, first.
+FINAL_FILES = (MANIFEST_FILE, WEIGHTS_FILE, CURVES_FILE)
+
+
+def remove_final_files(run_dir: Path) -> None:
+    """Delete the files that describe the run's end: the manifest first, then the weights and the curves.
+
+    When: on the main process, before a resumed run trains on: its config, metrics and
+    checkpoints then lead to another end than they describe. A kill in between leaves
+    no manifest, or one with the weights it describes. Raises :class:`RunFolderError`.
+    """
+    for name in FINAL_FILES:
+        path = run_dir / name
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+        except OSError as error:
+            raise RunFolderError(f"cannot remove {path}, which describes the run's old end: {error.strerror}") from None
 
 
 def _is_bookkeeping(name: str) -> bool:

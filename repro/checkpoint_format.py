@@ -414,7 +414,7 @@ def resolve(directory: Path, mode: str, open_checkpoint: Callable[[Path], T]) ->
             return open_checkpoint(path), notes
         except CheckpointError as error:
             notes.append(f"skipping {error}")
-    notes.append("no intact checkpoint: starting from scratch")
+    notes.append("no intact checkpoint left")  # the caller says what it does then: start afresh, or refuse
     return None, notes
 
 

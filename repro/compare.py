@@ -17,15 +17,24 @@ from typing import Any
 
 from repro.files import read_metrics, read_safetensors, read_yaml_mapping
 from repro.fingerprint import compare_fingerprints
-from repro.manifest import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, WEIGHTS_FILE, read_manifest, result_neutral_keys
+from repro.manifest import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    RESUMED_ELSEWHERE,
+    WEIGHTS_FILE,
+    read_manifest,
+    result_neutral_keys,
+    resumed_elsewhere_warnings,
+)
 from repro.report import DIFFERENT, SAME, CommandError, Report, same_number
 
 # How many differences of one section a report lists before "... and N more".
 LINES_SHOWN = 10
 
 # Compared in sections of their own, or (result_neutral_keys) telling how to compare the configs,
-# not as plain manifest fields.
-MANIFEST_SECTION_KEYS = frozenset({"environment", "config", "weights_sha256", "result_neutral_keys"})
+# or (RESUMED_ELSEWHERE) warned of, not compared: not as plain manifest fields.
+MANIFEST_SECTION_KEYS = frozenset({"environment", "config", "weights_sha256", "result_neutral_keys", RESUMED_ELSEWHERE})
 
 _ABSENT = object()
 
@@ -53,6 +62,8 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
     when nothing else does, the report is ``SAME`` and names them. A manifest
     without the field (written before it existed) counts ``output_dir``,
     ``overwrite`` and ``resume`` as result-neutral, as compare always did.
+    A run whose manifest records resumes under other environments (``RESUMED_ELSEWHERE``,
+    see :mod:`repro.manifest`) gets a warning line for each, whatever the verdict.
 
     Raises:
         CommandError: a folder, or its manifest, config or metrics, is missing (named, with
@@ -76,22 +87,26 @@ def compare_runs(run_a: Path, run_b: Path) -> Report:
         "environment": compare_fingerprints(a.environment, b.environment),
     }
     differing = [name for name, lines in sections.items() if lines]
+    # The environment each manifest records is the last one its run trained in.
+    warnings = [*resumed_elsewhere_warnings(a.manifest, f"A ({a.folder})")]
+    warnings += resumed_elsewhere_warnings(b.manifest, f"B ({b.folder})")
     if not differing:
         identical = f"runs are identical: weights ({a.manifest.get('weights_sha256')}), metrics, "
         if not neutral_differences:
-            return Report(SAME, [identical + "config, manifest and environment"])
+            return Report(SAME, [identical + "config, manifest and environment", *warnings])
         return Report(
             SAME,
             [
                 identical + "manifest and environment",
                 f"same result; the configs differ only in result-neutral keys: {', '.join(neutral_differences)}",
+                *warnings,
             ],
         )
     lines = [f"runs differ in: {', '.join(differing)}  (A = {a.folder}, B = {b.folder})"]
     for name in differing:
         lines.append(f"{name}:")
         lines += ["  " + line for line in _limit(sections[name], "differences")]
-    return Report(DIFFERENT, lines)
+    return Report(DIFFERENT, [*lines, *warnings])
 
 
 def _timing(key: str) -> bool:

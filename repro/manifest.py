@@ -10,7 +10,10 @@ records (seeds, environment, the resolved config, ``weights_sha256``), and
 ``result_neutral_keys``: the config keys that do not change the result (where
 the run was written, how many loader workers it had). The training script
 names them, so that ``compare`` can tell two runs apart without knowing its
-config.
+config. A run resumed under another environment than the one it was
+checkpointed in records that too (:data:`RESUMED_ELSEWHERE`): its
+``environment`` is only the last one, and ``compare`` and ``reproduce`` warn of
+the others.
 """
 
 from __future__ import annotations
@@ -24,13 +27,20 @@ from repro.files import RunFileError, read_json_object, write_atomic
 
 MANIFEST_FILE = "manifest.json"  # what the run was and what it produced (seeds, environment, weights hash)
 CONFIG_FILE = "config.yaml"  # the resolved config, every key
-METRICS_FILE = "metrics.jsonl"  # one JSON object per completed epoch
+# One JSON object per completed epoch; a run that --max-steps stopped inside an epoch ends
+# with one for that epoch's part, which the epoch's own record replaces when the run resumes.
+METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.safetensors"  # the final weights
 CURVES_FILE = "curves.png"  # training curves, when matplotlib is installed
 CHECKPOINTS_DIR = "checkpoints"  # one folder per checkpoint, written atomically
 
 MANIFEST_FORMAT = "repro.manifest"
 MANIFEST_VERSION = 1
+
+# The manifest field listing each time the run was resumed under another environment than the
+# one its checkpoint was written in: [{"step": the step it resumed at, "differences": ["key: old
+# -> new", ...]}], oldest first. Absent when it never was (and in manifests written before it existed).
+RESUMED_ELSEWHERE = "resumed_in_other_environments"
 
 # For manifests written before they recorded result_neutral_keys: the keys that say where and
 # how train.py's runs were started, the only ones compare ignored then.
@@ -98,7 +108,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
     keys = manifest.get("result_neutral_keys")
     if keys is not None and not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
         raise RunFileError(f"{path}: 'result_neutral_keys' must be a list of config key names")
+    if not is_environment_history(manifest.get(RESUMED_ELSEWHERE, [])):
+        raise RunFileError(f"{path}: {RESUMED_ELSEWHERE!r} must be a list of {{step, differences}} records")
     return manifest
+
+
+def is_environment_history(value: Any) -> bool:
+    """Whether ``value`` is a list of ``{"step": count, "differences": [text, ...]}`` records
+    (:data:`RESUMED_ELSEWHERE`: in a manifest, and in the checkpoints train.py writes)."""
+    return isinstance(value, list) and all(
+        isinstance(entry, dict)
+        and set(entry) == {"step", "differences"}
+        and isinstance(entry["step"], int)
+        and not isinstance(entry["step"], bool)
+        and entry["step"] >= 0
+        and isinstance(entry["differences"], list)
+        and all(isinstance(line, str) for line in entry["differences"])
+        for entry in value
+    )
+
+
+def resumed_elsewhere_warnings(manifest: Mapping[str, Any], run: str = "this run") -> list[str]:
+    """One warning line per resume under another environment that a manifest (as :func:`read_manifest`
+    returns it) records, naming the run as ``run``: its weights came from more than one
+    environment, and may come out differently from a run in any one of them."""
+    return [
+        f"warning: {run} was resumed at step {entry['step']} under another environment "
+        f"({'; '.join(entry['differences'])}), so its weights may not be reproducible in any one environment"
+        for entry in manifest.get(RESUMED_ELSEWHERE, [])
+    ]
 
 
 def result_neutral_keys(manifest: Mapping[str, Any]) -> frozenset[str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from repro.files import read_json_object, read_yaml_mapping
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
-from repro.manifest import CONFIG_FILE, MANIFEST_FILE, read_manifest
+from repro.manifest import CONFIG_FILE, MANIFEST_FILE, read_manifest, resumed_elsewhere_warnings
 from repro.report import DIFFERENT, ERROR, SAME, CommandError, Report, same_number, short, silent
 from repro.trace import TRACE_DIR_VARIABLE, TRACE_STEPS_VARIABLE
 
@@ -64,10 +64,12 @@ def reproduce_run(
     exception, ``KeyboardInterrupt`` included; ``python -m repro`` turns SIGTERM
     into one), and kept when it holds a finished re-run.
 
-    Before the run, ``say`` receives one warning per difference between the
-    recorded environment and this one, and after it one for a thread count the
-    re-run recorded other than the recorded one (the script sets its own): with
-    any, bitwise equality is not promised.
+    Once the manifest is read, ``say`` receives one warning per resume under
+    another environment that it records (the run's weights come from more than
+    one); before the run, one per difference between the recorded environment
+    and this one, and after it one for a thread count the re-run recorded other
+    than the recorded one (the script sets its own): with any, bitwise equality
+    is not promised.
 
     Returns ``SAME`` when the new ``weights_sha256`` matches the recorded one
     and so does each of ``RESULT_FIELDS`` the manifest records (the dataset's
@@ -95,6 +97,10 @@ def reproduce_run(
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise CommandError(f"{path}: world_size must be a positive integer, got {world_size!r}")
     environment = manifest.get("environment") or {}
+    # A fact of the recorded run, whatever happens to this re-run: said first.
+    resumed_elsewhere = resumed_elsewhere_warnings(manifest)
+    for warning in resumed_elsewhere:
+        say(warning)
     script = Path(script)
     if not script.is_file():
         raise CommandError(f"training script {script} not found; name the run's script with --script PATH")
@@ -172,6 +178,11 @@ def reproduce_run(
     lines.append(
         f"see what differs with: python -m repro compare {shlex.quote(str(path.parent))} {shlex.quote(str(output))}"
     )
+    if resumed_elsewhere:
+        lines.append(
+            "the run was resumed under another environment (see the warnings above): its weights come "
+            "from more than one, so a re-run in any one may differ"
+        )
     if warnings:
         lines.append("the environment differs too (see the warnings above)")
     return Report(DIFFERENT, lines)

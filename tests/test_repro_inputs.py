@@ -226,6 +226,10 @@ def manifest_with(reference_run: Path, path: Path, **changes: object) -> Path:
         ({"environment": ["cpu"]}, "'environment' must be a mapping, got list"),
         ({"environment": "cpu"}, "'environment' must be a mapping, got str"),
         ({"config": {"seed": json.loads(nested_json(40))}}, "nested more than 32 levels deep"),
+        (
+            {"resumed_in_other_environments": [{"step": "5", "differences": []}]},
+            "'resumed_in_other_environments' must be a list of {step, differences} records",
+        ),
     ],
 )
 def test_reproduce_refuses_a_malformed_manifest_in_one_line(reference_run, tmp_path, capsys, changes, message):

@@ -29,6 +29,9 @@ from conftest import (
 )
 
 from repro import checkpoint_format as checkpoint
+from repro.compare import compare_runs
+from repro.report import SAME, CommandError
+from repro.reproduce import reproduce_run
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -70,6 +73,80 @@ def test_resume_with_workers_gives_the_same_weights(tmp_path):
     train_ok(run_dir, *DATALOADER, "--max-steps", "11", "--num-workers", "2")
     train_ok(run_dir, "--resume", "latest", "--num-workers", "2")
     assert_same_run(run_dir, whole)
+
+
+def test_resume_from_a_checkpoint_into_a_new_folder_continues_its_run(reference_run, tmp_path):
+    # Nothing but the checkpoint and the new folder: the checkpoint's config says what the run is.
+    run_dir = tmp_path / "new"
+    result = run_train("--resume", str(reference_run / "checkpoints" / "step-00000008"), "--output-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same_run(run_dir, reference_run)
+
+
+def test_a_run_resumed_elsewhere_says_so_and_its_folder_never_describes_two_ends(reference_run, tmp_path):
+    # Begun by a copy of the code outside git, whose commit the environment names (as in the Docker image).
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(REPO / "train.py", code / "train.py")
+    for package in ("cifar", "repro"):
+        shutil.copytree(REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    run_dir = tmp_path / "run"
+    begun = subprocess.run(
+        [sys.executable, str(code / "train.py"), *TINY, "--output-dir", str(run_dir), "--max-steps", "5"],
+        env=clean_env(REPRO_GIT_COMMIT="0" * 40),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert begun.returncode == 0, begun.stdout[-3000:] + begun.stderr[-3000:]
+    assert [(row["epoch"], row["step"]) for row in read_metrics(run_dir)] == [(1, 5)]  # epoch 1's first 5 steps
+
+    # Resumed here (another commit) and killed once it trained past the end its manifest describes.
+    process = start_training(run_dir, "--resume", "auto", "--checkpoint-every", "1")
+    while not (run_dir / "checkpoints" / "step-00000006").is_dir():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before the kill"
+    for name in ("manifest.json", "model.safetensors", "curves.png"):
+        assert not (run_dir / name).exists(), name
+
+    # --max-steps at the run's last step stops nothing: recorded as none, like the uninterrupted run's.
+    resumed = train_ok(run_dir, "--resume", "auto", "--max-steps", "16")
+    assert_same_run(run_dir, reference_run)  # epoch 1's part replaced by its whole record
+    assert resumed["config"]["max_steps"] is None and "max_steps: null\n" in (run_dir / "config.yaml").read_text()
+    [resumed_elsewhere] = resumed["resumed_in_other_environments"]  # carried over the second resume
+    assert resumed_elsewhere["step"] == 5
+    assert resumed_elsewhere["differences"][0].startswith(f"git_commit: '{'0' * 40}' -> ")
+
+    uninterrupted = Path(shutil.copytree(reference_run, tmp_path / "uninterrupted"))
+    manifest = read_manifest(uninterrupted)
+    manifest["environment"] = resumed["environment"]  # this checkout's commit may have moved since
+    (uninterrupted / "manifest.json").write_text(json.dumps(manifest))
+    report = compare_runs(run_dir, uninterrupted)
+    assert report.status == SAME, report.lines
+    resumed_elsewhere_warning = report.lines[-1]
+    expected = f"warning: A ({run_dir}) was resumed at step 5 under another environment (git_commit: '{'0' * 40}' -> "
+    assert resumed_elsewhere_warning.startswith(expected), report.lines
+
+    said = []  # reproduce says so first, before it checks the script
+    with pytest.raises(CommandError, match=r"^training script .*missing\.py not found"):
+        reproduce_run(run_dir, script=tmp_path / "missing.py", say=said.append)
+    assert said == [resumed_elsewhere_warning.replace(f"A ({run_dir})", "this run")]
+
+
+def test_a_malformed_record_of_resumes_elsewhere_is_refused_and_none_is_read_as_none(reference_run):
+    from cifar.checkpoint import check_schema
+
+    found = checkpoint.load(reference_run / "checkpoints" / "step-00000008")
+    check_schema(found)  # written without one, as every checkpoint before the record existed
+    key = "resumed_in_other_environments"
+    for malformed in ({"step": 5}, [{"step": -1, "differences": []}], [{"step": 5, "differences": "git_commit"}]):
+        found.state[key] = malformed
+        with pytest.raises(checkpoint.CheckpointError, match=f"state.json's '{key}' is not a list of"):
+            check_schema(found)
+    found.state[key] = [{"step": 5, "differences": ["git_commit: 'a' -> 'b'"]}]
+    check_schema(found)
 
 
 def start_training(run_dir: Path, *args: str) -> subprocess.Popen:

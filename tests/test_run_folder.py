@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,6 +120,39 @@ def test_overwrite_knows_a_run_folder_by_its_formats_and_clears_what_it_holds(re
     assert manifest["seed"] == 7
     assert not (run_dir / ".metrics.jsonl.k3j4h5g6").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000008", "step-00000016"]
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_never_started_afresh(reference_run, tmp_path):
+    from cifar.config import parse_config
+    from cifar.outputs import RunFolderError, check_output_dir
+
+    # The run's checkpoints damaged, then deleted to save disk: a fresh start would replace its result.
+    run_dir = copy_of(reference_run, tmp_path)
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        (checkpoint / "model.safetensors").write_bytes(b"damaged")
+    before = snapshot(run_dir)
+    no_checkpoint = f"output folder {run_dir} holds a run (manifest.json) with no checkpoint to resume; "
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "auto")
+    assert_one_line_error(result, no_checkpoint, "--overwrite, or choose another --output-dir")
+    assert result.stdout.count("resume: skipping checkpoint") == 2 and "scratch" not in result.stdout
+    shutil.rmtree(run_dir / "checkpoints")
+    result = run_train(*TINY, "--output-dir", str(run_dir), "--resume", "auto", "--max-steps", "5")
+    assert_one_line_error(result, no_checkpoint)
+    assert "scratch" not in result.stdout
+    after = snapshot(run_dir)
+    for files in (before, after):
+        files.pop(LOCK, None)  # the lock file names its holder
+    assert after == {name: data for name, data in before.items() if not name.startswith("checkpoints")}
+    # The same check refuses a run started without --resume (on other data too), and a folder holding only metrics.
+    fresh = parse_config([*TINY, "--output-dir", str(run_dir), "--data-dir", str(tmp_path / "other")])
+    with pytest.raises(RunFolderError, match=re.escape(no_checkpoint)):
+        check_output_dir(run_dir, fresh)
+    for name in ("manifest.json", "model.safetensors", "curves.png"):
+        (run_dir / name).unlink()
+    with pytest.raises(RunFolderError, match=re.escape(f"{run_dir} holds a run (metrics.jsonl) with no checkpoint")):
+        check_output_dir(run_dir, fresh)
+    (run_dir / "metrics.jsonl").write_text("")  # a run killed before its first epoch ended: nothing to lose
+    check_output_dir(run_dir, fresh)
 
 
 def test_overwrite_refused_by_a_later_check_deletes_nothing(reference_run, tmp_path):
