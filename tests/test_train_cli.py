@@ -121,6 +121,7 @@ def test_import_repro_needs_neither_accelerate_nor_torchvision_nor_the_pipeline(
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # each stream's derivation is tested in process in test_seeds.py
 def test_stream_overrides_reach_the_streams_they_name(reference_run, tmp_path):
     # The shipped models draw nothing at run time (no dropout), so a run whose model, order and
     # augmentation streams all come from 2333 equals the seed-2333 run, whatever its own seed.

@@ -191,6 +191,7 @@ for step in range(1, tracer.steps + 1):
 """
 
 
+@pytest.mark.slow  # reporting a divergence: test_verify_names_the_step_and_tensor_where_an_unseeded_draw_enters
 def test_verify_names_initial_weights_that_differ_as_such(tmp_path, child_env):
     script = tmp_path / "misbehaving_training.py"
     script.write_text(MISBEHAVING_TRAINING)
@@ -201,6 +202,7 @@ def test_verify_names_initial_weights_that_differ_as_such(tmp_path, child_env):
     assert report.lines[2].startswith("    weight: sum differs by ")
 
 
+@pytest.mark.slow  # reporting a divergence: test_verify_names_the_step_and_tensor_where_an_unseeded_draw_enters
 def test_verify_shows_where_a_run_diverged_before_it_failed(tmp_path, child_env):
     script = tmp_path / "misbehaving_training.py"
     script.write_text(MISBEHAVING_TRAINING)
