@@ -41,6 +41,8 @@ from repro.manifest import CHECKPOINTS_DIR
 from repro.seeds import TEST_LOADER_STREAM, TRAIN_LOADER_STREAM, SeedPlan
 from repro.stop import JOB_STOP_SIGNALS, IgnoreStopSignals
 
+DYNAMO_VARIABLE = "ACCELERATE_DYNAMO_BACKEND"  # what `accelerate launch` sets from its dynamo setting
+
 
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     """Create the Accelerator in the resolved precision; refuse processes that each believe they are alone."""
@@ -53,6 +55,9 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
             # starts processes that each see a world of one and write the same folder.
             cpu=not cuda,
             mixed_precision=resolve_mixed_precision(config.mixed_precision, cuda, native_bf16),
+            # Not the launcher's dynamo setting (a user's default accelerate config, or --dynamo_backend):
+            # it compiled the model unrecorded, and its checkpoints' names resumed nowhere else.
+            dynamo_backend="no",
             log_with=tracker,
             project_dir=tracking.project_dir(tracker, run_dir),
         )
@@ -60,6 +65,12 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
         raise UsageError(f"cannot form the process group: {error}") from None
     if tracker_note is not None:
         accelerator.print(tracker_note)
+    launcher_dynamo = os.environ.get(DYNAMO_VARIABLE, "no")
+    if launcher_dynamo.lower() != "no":
+        accelerator.print(
+            f"{DYNAMO_VARIABLE}={launcher_dynamo} ignored: train.py compiles the model itself with "
+            "--compile, which its config records"
+        )
     declared = launcher_world_size()
     # accelerate's MULTI_CPU launcher without mpirun starts one process and sets
     # only MASTER_ADDR for the others it expects: no rank variable tells.
