@@ -35,7 +35,7 @@ from cifar.outputs import claim_run_dir, run_dir_of
 from repro.audit import audit_model
 from repro.augment import SeededAugmentation
 from repro.checkpoint import Checkpointer
-from repro.distributed import launcher_world_size
+from repro.distributed import declared_world_size, launcher_world_size
 from repro.loader import GlobalBatchSampler, WorkerSeeder
 from repro.manifest import CHECKPOINTS_DIR
 from repro.seeds import TEST_LOADER_STREAM, TRAIN_LOADER_STREAM, SeedPlan
@@ -79,12 +79,9 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
             "accelerate launch asked for several processes but started one (MULTI_CPU needs mpirun); "
             "use `accelerate launch --config_file configs/accelerate/cpu_gloo.yaml`"
         )
-    if declared is not None and declared != accelerator.num_processes:
-        raise UsageError(
-            f"the launcher started {declared} processes but they formed a group of "
-            f"{accelerator.num_processes}; on a CPU-only machine use "
-            "`accelerate launch --config_file configs/accelerate/cpu_gloo.yaml`"
-        )
+    mismatch = world_size_mismatch(accelerator.num_processes)
+    if mismatch is not None:
+        raise UsageError(mismatch)
     per_process, remainder = divmod(config.batch_size, accelerator.num_processes)
     if remainder or per_process % config.grad_accum_steps:
         raise UsageError(
@@ -94,6 +91,26 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     if config.sync_bn and accelerator.num_processes > 1 and accelerator.device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU")
     return accelerator
+
+
+def world_size_mismatch(formed: int) -> str | None:
+    """The one-line error for processes that formed a group of ``formed`` where a launcher
+    variable declared another size, naming the variable and what to do for its launcher;
+    ``None`` when no variable declares a size, or this one."""
+    declaration = declared_world_size()
+    if declaration is None or declaration[1] == formed:
+        return None
+    variable, declared = declaration
+    said = f"{variable}={declared} says {declared} processes but "
+    said += "this one is alone" if formed == 1 else f"they formed a group of {formed}"
+    if variable == "SLURM_NTASKS":
+        # Set for the whole job, the batch script's own process too; accelerate reads no SLURM_* variable.
+        return (
+            f"{said}: Slurm sets it for the whole job, and srun alone forms no group; train on the allocation "
+            "with scripts/slurm_train.sbatch (srun starts `accelerate launch`, which does), or in one "
+            "process with `env -u SLURM_NTASKS python train.py ...`"
+        )
+    return f"{said}; on a CPU-only machine use `accelerate launch --config_file configs/accelerate/cpu_gloo.yaml`"
 
 
 def claim_run_folder(config: TrainConfig, accelerator: Accelerator) -> Path:

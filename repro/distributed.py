@@ -76,9 +76,22 @@ def launcher_world_size() -> int | None:
     Compare it with the world size of the process group actually formed: a
     mismatch means processes that each believe they are alone.
     """
+    declared = declared_world_size()
+    return None if declared is None else declared[1]
+
+
+def declared_world_size() -> tuple[str, int] | None:
+    """Return the world-size variable a launcher set and its value, as :func:`launcher_world_size`
+    reads it (``("SLURM_NTASKS", 4)``), or ``None``.
+
+    For an error to name what it read: a variable may come from elsewhere than the
+    launcher of this process (Slurm sets ``SLURM_PROCID`` and ``SLURM_NTASKS`` in a
+    batch script's own environment, where one process runs).
+    """
     for rank_var, world_var in _LAUNCHER_VARIABLES:
         if _read_int(rank_var) is not None:
-            return _read_int(world_var)
+            world_size = _read_int(world_var)
+            return None if world_size is None else (world_var, world_size)
     return None
 
 

@@ -3,7 +3,8 @@
 Two runs with the same seed and config give the same weights only on the same
 software and hardware. :func:`environment_fingerprint` records that
 environment (versions of Python, torch, torchvision, accelerate, NumPy, CUDA,
-cuDNN, the GPU model, the world size, torch's CPU thread count, the git commit) for the run's manifest;
+cuDNN, the CPU and GPU models, the CPU kernels torch chose and the variables
+that choose them, the world size, torch's CPU thread count, the git commit) for the run's manifest;
 :func:`compare_fingerprints` lists what differs between two of them, so that a
 resumed or reproduced run can say why bitwise equality is no longer promised.
 :func:`environment_report` is ``python -m repro env``: the fingerprint of this
@@ -34,6 +35,29 @@ def _version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# Variables that make torch (ATen) or oneDNN run CPU kernels of a lower instruction
+# set than the CPU offers: other kernels, other float results, on the same CPU.
+CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def cpu_model() -> str | None:
+    """Return the CPU's model name, or ``None`` when it cannot be told.
+
+    On Linux, the first ``model name`` of ``/proc/cpuinfo`` (read up to that
+    line only); elsewhere, or where it has none (many ARM kernels), Python's
+    ``platform.processor()``, which is empty on most Linux systems.
+    """
+    try:
+        with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass  # not Linux
+    return platform.processor() or None
 
 
 def git_state(path: str | Path = ".") -> dict[str, Any]:
@@ -83,6 +107,11 @@ def environment_fingerprint(world_size: int = 1, repo: str | Path | None = None)
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "cpu_model": cpu_model(),
+        # The instruction set of the CPU kernels torch dispatches to (AVX2, AVX512, DEFAULT, ...):
+        # the CPU's best unless ATEN_CPU_CAPABILITY lowers it. oneDNN's own choice shows only in its variables.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa_variables": {name: os.environ[name] for name in CPU_ISA_VARIABLES if name in os.environ},
         "device": "cuda" if cuda else "cpu",
         "world_size": world_size,
         # CPU kernels split work by thread, and the split changes float sums bitwise.

@@ -9,7 +9,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DATALOADER, REPO, TINY, clean_env, free_port, make_folder, read_manifest, read_metrics, train_ok
+from conftest import (
+    DATALOADER,
+    REPO,
+    TINY,
+    assert_one_line_error,
+    clean_env,
+    free_port,
+    make_folder,
+    read_manifest,
+    read_metrics,
+    run_train,
+    train_ok,
+)
 from test_resume import assert_same_run, wait_for_checkpoint
 from test_trackers import logged_scalars
 
@@ -177,6 +189,16 @@ def test_multi_cpu_launch_without_mpirun_stops_instead_of_training_alone(tmp_pat
     assert result.returncode != 0
     assert "asked for several processes but started one" in result.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_train_py_in_a_slurm_batch_step_names_the_variable_that_declared_other_processes(tmp_path):
+    # The environment of an sbatch script with --ntasks=4: Slurm's variables for the whole job,
+    # in the one process the script runs, which no launcher joined to any other.
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}
+    result = run_train(*TINY, "--output-dir", str(tmp_path / "run"), env=clean_env(**slurm))
+    line = assert_one_line_error(result, "SLURM_NTASKS=4 says 4 processes but this one is alone")
+    assert "scripts/slurm_train.sbatch" in line and "env -u SLURM_NTASKS" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_processes_log_each_step_once_as_the_mean_over_processes(two_process_run):

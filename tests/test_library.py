@@ -146,6 +146,38 @@ def test_fingerprint_records_versions_and_comparison_lists_differences():
     ]
 
 
+def test_fingerprint_records_the_cpu_kernels_torch_chose_and_the_variables_that_lower_them():
+    def fingerprint(**variables: str) -> dict:
+        env = {**clean_env(), **variables}
+        for name in {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"} - set(variables):
+            env.pop(name, None)
+        command = [sys.executable, "-m", "repro", "env", "--json"]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["environment"]
+
+    plain = fingerprint()
+    lowered = fingerprint(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41")
+    assert plain["cpu_isa_variables"] == {}
+    assert lowered["cpu_isa_variables"] == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    assert lowered["cpu_capability"] == "DEFAULT" and plain["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert plain["cpu_model"] == lowered["cpu_model"]
+    differences = compare_fingerprints(plain, lowered)
+    assert "cpu_isa_variables: {} -> {'ATEN_CPU_CAPABILITY': 'default', 'ONEDNN_MAX_CPU_ISA': 'SSE41'}" in differences
+    if plain["cpu_capability"] != "DEFAULT":
+        assert f"cpu_capability: {plain['cpu_capability']!r} -> 'DEFAULT'" in differences
+
+
+def test_a_fingerprint_recorded_before_the_cpu_keys_existed_differs_by_them_alone():
+    now = environment_fingerprint(world_size=1, repo=REPO)
+    recorded = {key: value for key, value in now.items() if not key.startswith("cpu_")}
+    assert compare_fingerprints(recorded, now) == [
+        f"cpu_capability: None -> {now['cpu_capability']!r}",
+        "cpu_isa_variables: None -> {}",
+        f"cpu_model: None -> {now['cpu_model']!r}",
+    ]
+
+
 class SpatialMean(nn.Module):
     def __init__(self):
         super().__init__()

@@ -539,6 +539,62 @@ def test_compare_finds_two_runs_of_one_seed_identical(reference_run, reproductio
     assert report.lines[0].startswith("runs are identical")
 
 
+# A training script of the user's own, quick: its weights depend on the seed alone, and its
+# manifest records the environment fingerprint of the process that ran it.
+FINGERPRINTING_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch, yaml
+from safetensors.torch import save_file
+from repro.fingerprint import environment_fingerprint
+from repro.weights import state_dict_sha256
+config = yaml.safe_load(Path(sys.argv[2]).read_text())
+run = Path(config["output_dir"])
+run.mkdir(parents=True)
+torch.manual_seed(config["seed"])
+weights = torch.nn.Linear(4, 2).state_dict()
+save_file(weights, run / "model.safetensors")
+(run / "config.yaml").write_text(yaml.safe_dump(config))
+(run / "metrics.jsonl").write_text("")
+manifest = {
+    "weights_sha256": state_dict_sha256(weights),
+    "config": config,
+    "environment": environment_fingerprint(1, Path(__file__).parent),
+}
+(run / "manifest.json").write_text(json.dumps(manifest))
+"""
+CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def test_compare_and_reproduce_name_a_lowered_cpu_instruction_set_as_an_environment_difference(
+    tmp_path, child_env, monkeypatch
+):
+    # ATEN_CPU_CAPABILITY=default makes torch run other CPU kernels (other weights) on the same machine.
+    for name in CPU_ISA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    script = tmp_path / "mine.py"
+    script.write_text(FINGERPRINTING_SCRIPT)
+    for name, extra in (("plain", {}), ("lowered", {"ATEN_CPU_CAPABILITY": "default"})):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"seed: 7\noutput_dir: {tmp_path / name}\n")
+        command = [sys.executable, str(script), "--config", str(config)]
+        subprocess.run(command, env={**os.environ, **extra}, check=True, timeout=120)
+    here = torch.backends.cpu.get_cpu_capability()
+    lowered = ["cpu_isa_variables: {'ATEN_CPU_CAPABILITY': 'default'} -> {}"]
+    if here != "DEFAULT":  # a machine whose best is the default shows the variable only
+        lowered.insert(0, f"cpu_capability: 'DEFAULT' -> {here!r}")
+
+    report = compare_runs(tmp_path / "lowered", tmp_path / "plain")
+    assert report.status == DIFFERENT, report.lines
+    assert report.lines[1:] == ["environment:", *("  " + line for line in lowered)]
+
+    said = []
+    report = reproduce_run(tmp_path / "lowered", tmp_path / "again", script=script, say=said.append)
+    assert report.status == SAME, report.lines  # the script's weights do not depend on the kernels
+    warning = "warning: environment differs, bitwise equality is not promised: "
+    assert [line for line in said if line.startswith(warning)] == [warning + line for line in lowered]
+
+
 def test_reproduce_refuses_a_missing_script_in_one_line(reference_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # outside the checkout there is no ./train.py, the default script
     for arguments in ([], ["--script", str(tmp_path / "mine.py")]):
