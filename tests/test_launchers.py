@@ -118,11 +118,12 @@ def test_slurm_script_adds_no_resume_to_a_run_that_chose(tmp_path, args):
 # Like srun --kill-on-bad-exit=1: one task per node, at the same time. Each task's processes carry
 # FAKE_SLURM_STEP in their environment, as SLURM keeps them in the step's cgroup: torchrun starts its
 # workers in sessions of their own, and a launcher's end orphans them. When a task fails, every
-# process of the step is killed, orphans included.
+# process of the step is killed, orphans included. Each task's exit status is reported.
 _STEP_SRUN = """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
-pids=()
-for i in 0 1; do FAKE_SLURM_STEP=$FAKE_SLURM_JOB SLURM_NODEID=$i "$@" & pids+=($!); done
+for i in 0 1; do
+    (FAKE_SLURM_STEP=$FAKE_SLURM_JOB SLURM_NODEID=$i "$@"; status=$?; echo "task $i: status $status"; exit $status) &
+done
 rc=0
 for _ in 0 1; do
     wait -n && continue
@@ -182,6 +183,8 @@ def test_slurm_job_stopped_by_usr1_then_requeued_resumes_to_the_uninterrupted_we
         os.kill(pid, signal.SIGUSR1)
     stopped = job.communicate(timeout=120)[0]
     assert job.returncode != 0, stopped
+    # Not ended by the signal itself (128 + 10), which would leave the training processes orphaned.
+    assert stopped.count("status ") == 2 and "status 138" not in stopped, stopped
     steps = {int(step) for step in re.findall(r"stopped by SIGUSR1 at step (\d+); checkpoint written", stopped)}
     assert len(steps) == 1, stopped  # both ranks, at one step, and not the last (48)
     (step,) = steps
