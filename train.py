@@ -64,7 +64,7 @@ from cifar.plots import plot_curves
 from cifar.tta import tta_logits
 from repro.checkpoint import CheckpointError
 from repro.determinism import configure_determinism
-from repro.distributed import LauncherVariableError, get_rank
+from repro.distributed import LauncherVariableError, get_rank, leave_process_group
 from repro.fingerprint import environment_fingerprint
 from repro.manifest import CURVES_FILE, METRICS_FILE, RESUMED_ELSEWHERE, WEIGHTS_FILE, write_manifest
 from repro.seeding import seed_everything
@@ -395,3 +395,6 @@ if __name__ == "__main__":
         # Ctrl-C before the training loop, or after it: the loop itself stops at a step, with a checkpoint.
         print("train.py: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        # After an error too: a gloo group left alive aborted one exit (SIGABRT) in place of status 2.
+        leave_process_group()

@@ -4,7 +4,7 @@ Each concern lives in its own module:
 
 - :mod:`repro.seeds`: derived seed streams (:func:`derive_seed`, :class:`SeedPlan`)
 - :mod:`repro.seeding`: seeding the global generators (:func:`seed_everything`)
-- :mod:`repro.distributed`: rank and world size before and after the process group
+- :mod:`repro.distributed`: rank and world size before and after the process group, and leaving it
 - :mod:`repro.determinism`: strict / warn / off switches
 - :mod:`repro.hashseed`: making ``PYTHONHASHSEED`` effective
 - :mod:`repro.loader`: worker seeding, generators, the resumable sharded sampler
@@ -45,6 +45,7 @@ _EXPORTS = {
     "get_world_size": "repro.distributed",
     "get_local_rank": "repro.distributed",
     "launcher_world_size": "repro.distributed",
+    "leave_process_group": "repro.distributed",
     "configure_determinism": "repro.determinism",
     "ensure_hash_seed": "repro.hashseed",
     "WorkerSeeder": "repro.loader",

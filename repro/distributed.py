@@ -35,6 +35,25 @@ def _initialised_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def leave_process_group() -> None:
+    """Destroy this process's process groups if it formed a gloo one; otherwise do nothing.
+
+    When: on the way out of a script that may have formed a group, on every path,
+    errors included (``accelerator.end_training()`` does it at the end of a run
+    that finished). Why: a process that exits with a gloo group alive can abort
+    at interpreter shutdown ("terminate called without an active exception",
+    SIGABRT), which replaces its exit status; torch's documentation asks for the
+    groups to be destroyed before exit. An NCCL group is left alone: destroying
+    it while another rank still waits in a collective can hang, and a script on
+    its way out after an error cannot know that every rank stopped too.
+    """
+    if _initialised_group():
+        import torch.distributed as dist
+
+        if dist.get_backend() == "gloo":
+            dist.destroy_process_group()
+
+
 def _read_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None or value.strip() == "":

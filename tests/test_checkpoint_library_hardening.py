@@ -378,6 +378,7 @@ try:  # read by the main rank alone once the others wrote their part, it once sp
     Checkpointer(CHECKPOINTS).save(2, model=model, optimizer=optimizer, tensors={"ema": nn.Linear(2, 2)})
 except CheckpointError as error:
     pathlib.Path(f"{CHECKPOINTS}-group-rank-{dist.get_rank()}.txt").write_text(str(error))
+dist.barrier()  # no rank tears its group down while another still talks to it
 dist.destroy_process_group()
 """
 

@@ -10,13 +10,21 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import REPO, clean_env, free_port
 from torch import nn
 
 from repro.audit import audit_model
 from repro.determinism import configure_determinism
-from repro.distributed import LauncherVariableError, get_local_rank, get_rank, get_world_size, launcher_world_size
+from repro.distributed import (
+    LauncherVariableError,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    launcher_world_size,
+    leave_process_group,
+)
 from repro.fingerprint import compare_fingerprints, environment_fingerprint
 from repro.report import short
 from repro.rng import capture_rng_state, restore_rng_state
@@ -74,6 +82,17 @@ def test_determinism_modes_report_what_they_set(mode):
 def test_unknown_determinism_mode_raises():
     with pytest.raises(ValueError, match="strict, warn, off"):
         configure_determinism("fast")
+
+
+def test_leave_process_group_destroys_a_gloo_group_and_is_a_no_op_without_one():
+    leave_process_group()  # no group: nothing to do, nothing raised
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        leave_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
