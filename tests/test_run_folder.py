@@ -265,6 +265,7 @@ def test_one_run_at_a_time_and_a_killed_run_frees_its_folder(reference_run, tmp_
     assert [row["epoch"] for row in read_metrics(run_dir)] == [1, 2]
 
 
+@pytest.mark.slow  # every rank stopping with the main one's line: test_distributed_runs.py's refusals
 def test_a_refused_main_process_stops_every_rank(tmp_path):
     run_dir = tmp_path / "run"
     accelerate = str(Path(sys.executable).parent / "accelerate")

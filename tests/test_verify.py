@@ -91,6 +91,7 @@ def test_verify_finds_train_py_bitwise_reproducible(tmp_path, child_env, capsys)
     assert [record["step"] for record in read_trace(tmp_path / "run-1")[0]] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow  # a note's wording; tracing train.py runs in the default tests
 def test_train_py_announces_a_trace_request_that_takes_over_its_run(tmp_path):
     traces, mine = tmp_path / "traces", tmp_path / "mine"
     env = clean_env(REPRO_TRACE_DIR=str(traces), REPRO_TRACE_STEPS="1")  # as if left exported in a shell
@@ -281,6 +282,7 @@ torch.save(step, checkpoint)
 """
 
 
+@pytest.mark.slow  # a diagnosis's wording; verify's paths run in the default tests
 def test_verify_says_a_second_run_that_traced_nothing_probably_resumed_from_the_first(tmp_path, child_env):
     script = tmp_path / "resuming_training.py"
     script.write_text(RESUMING_TRAINING)
