@@ -32,7 +32,7 @@ from cifar.config import TrainConfig, UsageError, config_differences, config_to_
 from cifar.lookahead import Lookahead
 from cifar.outputs import no_checkpoint_to_resume, run_result_file
 from repro import checkpoint_format
-from repro.checkpoint import Checkpoint, Checkpointer, CheckpointError, check_structure
+from repro.checkpoint import Checkpoint, Checkpointer, check_structure
 from repro.checkpoint_format import STATE_FILE, is_count, is_number, is_sha256
 from repro.fingerprint import compare_fingerprints
 from repro.loader import GlobalBatchSampler
@@ -252,10 +252,7 @@ def resume(training: Training) -> tuple[Progress, torch.Tensor]:
     loss_sum = torch.zeros((), device=accelerator.device)
     if config.resume is None:
         return Progress(), loss_sum
-    manager = checkpoints(training)
-    if config.resume == "latest" and not manager.checkpoints():  # the library's line names no flag
-        raise CheckpointError(f"--resume latest: no checkpoint in {manager.directory}")
-    restored = manager.restore(
+    restored = checkpoints(training).restore(
         config.resume,
         model=accelerator.unwrap_model(training.model),
         optimizer=training.optimizer,
