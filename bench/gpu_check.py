@@ -50,11 +50,12 @@ f. With a CIFAR-10 folder: the speedrun recipe (``configs/cifar10_speedrun.yaml`
 g. Whether the GPU waits for the host in train.py's steps
    (bench/step_timeline.py: a torch.profiler timeline of the speedrun recipe's
    loop on synthetic data, its network at batch 1024, bf16, strict; the steps
-   of its second epoch): the fraction of the steps' time the GPU ran work, the
+   of its third epoch): the fraction of the steps' time the GPU ran work, the
    calls inside the steps that waited for the GPU (there should be none), and
    the longest gaps in the GPU's work with the parts of the step the host was
    in meanwhile; the same network's bare loop over the same batches, profiled
-   the same way, beside it. train.py's timeline is kept
+   the same way, beside it; and both loops' time per step unprofiled (train.py's
+   second epoch, the bare loop's second pass). train.py's timeline is kept
    (``step_timeline_trace.json.gz``).
    Not in the default set; under a minute.
 h. Host time per step of train.py's own loop on this machine
@@ -506,6 +507,8 @@ def timeline_summary(figures: dict[str, Any]) -> str:
     waits = figures["waiting_calls"] or "none"
     wall = figures["wall_us_per_step"]
     detail = f"{wall:.0f} µs a step, {wall / bare['wall_us_per_step']:.2f} x the bare loop's; waits inside: {waits}"
+    unprofiled, bare_unprofiled = figures["unprofiled_us_per_step"], bare["unprofiled_us_per_step"]
+    detail += f"; unprofiled {unprofiled:.0f} µs a step, {unprofiled / bare_unprofiled:.2f} x the bare loop's"
     if not figures["gpu_activity_recorded"]:
         return f"no GPU activity recorded; {detail}"
     detail += f"; the bare loop's GPU busy {bare['gpu_busy_fraction']:.1%}"
@@ -614,6 +617,9 @@ def stage_f(report: Report, device: torch.device, out: Path, data: Path, smoke: 
     if whitening:
         report.figures["f_whitening_s"] = whitening_s
         detail = f"{whitening_s:.3f} s on the host (5,000 images, 1 thread), added to each run's GPU time"
+        if not whitening["covariances_bitwise_equal"]:
+            difference = whitening["covariances_largest_relative_difference"]
+            detail += f"; the two covariance layouts differ in rounding ({difference:.2g})"
         report.add("f", "whitening layer's initialisation", "measured", detail)
     finished: dict[str, dict[str, Any]] = {}
     for name, outcome in outcomes.items():

@@ -2,12 +2,14 @@
 
 train.py's loop (``train.train``) runs the recipe of ``--config`` (the speedrun
 recipe's by default: its network, batch 1024, the device pipeline, bf16 on
-CUDA, strict determinism) on synthetic 32x32 images for two epochs. The steps
-of the second epoch are profiled (the first warms up cuDNN, the allocator and
-lazy state), from the request of its first batch to the start of its
-evaluation, where the host waits for the queued steps to finish. Its parts
-(the next batch, ``training_step``, the optimizer, scheduler and lookahead
-steps, the stop check) are labelled in the timeline.
+CUDA, strict determinism) on synthetic 32x32 images for three epochs. The
+first warms up cuDNN, the allocator and lazy state; the second runs
+unprofiled, and its ``train_s`` over its steps is the loop's time per step
+(the epoch's start, its augmentation of the epoch, included). The steps of
+the third are profiled, from the request of its first batch to the start of
+its evaluation, where the host waits for the queued steps to finish. Its
+parts (the next batch, ``training_step``, the optimizer, scheduler and
+lookahead steps, the stop check) are labelled in the timeline.
 
 It prints, per step: the wall time; the time the GPU ran kernels, copies or
 fills (their union); the rest, in which the GPU waited for the host; the
@@ -17,12 +19,13 @@ the longest gaps in the GPU's work, with the parts of the step the host was
 in meanwhile; and the host time of each part. Then the same network in a bare
 hand-written loop over the same batches, made beforehand, profiled the same
 way: the wall time and GPU busy time of a step with no host work but its own,
-and train.py's step against it. ``--trace`` keeps train.py's timeline
+and train.py's step against it; the bare loop is also timed unprofiled, after
+a warm-up pass, against train.py's unprofiled epoch. ``--trace`` keeps train.py's timeline
 (gzipped Chrome trace JSON: chrome://tracing or https://ui.perfetto.dev).
 
 The profiler adds host time to each operation it records, in both loops: the
-GPU's share of the steps is a lower bound, and the two loops' ratio the figure
-to compare.
+GPU's share of the steps is a lower bound. Unprofiled, the two loops' ratio is
+what the GPU check's stage f compares with a bare step in another process.
 
 On a machine without CUDA it profiles the host alone: no GPU figures.
 
@@ -41,6 +44,7 @@ import io
 import itertools
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -167,33 +171,37 @@ def profile_steps(training: Training, train_batches: train.Batches, test_batches
     return exported(profiler)
 
 
-def profile_bare_steps(training: Training, train_batches: train.Batches) -> dict[str, Any]:
+def profile_bare_steps(training: Training, train_batches: train.Batches) -> tuple[dict[str, Any], float]:
     """The same network in a bare hand-written loop over one epoch of the device pipeline's
     batches, made beforehand: forward in the run's autocast, loss, backward, an SGD step,
-    ``zero_grad``. One pass warms up, the next is profiled, its steps marked as train.py's
-    are: the timeline of a loop with no host work but the step's own. Returns the trace."""
+    ``zero_grad``. One pass warms up, the next is timed unprofiled, the last is profiled, its
+    steps marked as train.py's are: the timeline of a loop with no host work but the step's
+    own. Returns the trace and the timed pass's wall µs per step."""
     model = training.accelerator.unwrap_model(training.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.85, nesterov=True, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss(label_smoothing=training.config.label_smoothing)
     batches = list(train_batches)
     on_cuda = training.accelerator.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
-    for profiled in (False, True):
-        if profiled:
-            if on_cuda:
-                torch.cuda.synchronize()
+    synchronize = torch.cuda.synchronize if on_cuda else lambda: None
+    timed_s = 0.0
+    for run in ("warm-up", "timed", "profiled"):
+        synchronize()
+        started = time.perf_counter()
+        if run == "profiled":
             profiler.start()
         for number, (images, labels) in enumerate(batches, start=1):
-            with record_function(f"{STEP_PREFIX}{number}") if profiled else contextlib.nullcontext():
+            with record_function(f"{STEP_PREFIX}{number}") if run == "profiled" else contextlib.nullcontext():
                 with training.accelerator.autocast():
                     loss = criterion(model(images), labels)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-    if on_cuda:
-        torch.cuda.synchronize()
+        synchronize()
+        if run == "timed":
+            timed_s = time.perf_counter() - started
     profiler.stop()
-    return exported(profiler)
+    return exported(profiler), timed_s * 1e6 / len(batches)
 
 
 def exported(profiler: profile) -> dict[str, Any]:
@@ -307,13 +315,18 @@ def report(figures: dict[str, Any], bare: dict[str, Any]) -> None:
     if bare["gpu_activity_recorded"]:
         print(f", GPU busy {bare['gpu_busy_us_per_step']:.0f} µs ({bare['gpu_busy_fraction']:.1%})", end="")
     print(f"; train.py's step / the bare step, wall: {figures['wall_us_per_step'] / bare['wall_us_per_step']:.2f}")
+    unprofiled, bare_unprofiled = figures["unprofiled_us_per_step"], bare["unprofiled_us_per_step"]
+    print(
+        f"unprofiled: train.py's second epoch {unprofiled:.0f} µs a step (its train_s, the epoch's start included), "
+        f"the bare loop {bare_unprofiled:.0f}; train.py / bare: {unprofiled / bare_unprofiled:.2f}"
+    )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is profiled")
     parser.add_argument("--batch-size", type=int, default=1024, help="global batch (the speedrun recipe's)")
-    parser.add_argument("--steps", type=int, default=12, help="steps per epoch; the second epoch's are profiled")
+    parser.add_argument("--steps", type=int, default=12, help="steps per epoch; the third epoch's are profiled")
     parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"])
     parser.add_argument("--trace", help="also write the timeline here, gzipped Chrome trace JSON")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -326,12 +339,13 @@ def main() -> None:
     arguments = [
         *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
         *("--synthetic-train-size", str(args.steps * args.batch_size), "--synthetic-test-size", "1024"),
-        *("--batch-size", str(args.batch_size), "--epochs", "2", "--determinism", args.determinism),
+        *("--batch-size", str(args.batch_size), "--epochs", "3", "--determinism", args.determinism),
     ]
     with tempfile.TemporaryDirectory(prefix="bench-timeline-") as scratch:
         training, train_batches, test_batches = benchlib.train_py_objects(arguments, Path(scratch) / "run")
         trace = profile_steps(training, train_batches, test_batches)
-        bare_trace = profile_bare_steps(training, train_batches)
+        unprofiled = json.loads((training.run_dir / "metrics.jsonl").read_text().splitlines()[1])
+        bare_trace, bare_unprofiled_us = profile_bare_steps(training, train_batches)
     config, device = training.config, training.accelerator.device
     print(
         f"# {args.config}, model {config.model}, batch {config.batch_size}, {len(training.sampler)} steps an epoch, "
@@ -341,6 +355,8 @@ def main() -> None:
     if training.lookahead is not None:
         parts.append("lookahead.after_step")
     figures, bare = analyse(trace, parts), analyse(bare_trace, [])
+    figures["unprofiled_us_per_step"] = unprofiled["train_s"] * 1e6 / len(training.sampler)
+    bare["unprofiled_us_per_step"] = bare_unprofiled_us
     report(figures, bare)
     if args.trace:
         with gzip.open(args.trace, "wt") as file:

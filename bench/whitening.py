@@ -6,10 +6,12 @@ images in float64, at the config's torch thread count (``cpu_threads``, 1 by
 default). airbench94 counts its own whitening in a run's time, so the GPU check
 (stage f) adds this figure to the recipe's GPU seconds. Its covariance is
 timed against the layout ``init_whitening`` used before (one row per patch,
-``covariance_one_row_per_patch`` here), in alternating repetitions; both must
-give the same covariance, bit for bit. The figures: ``init_whitening``'s
-median seconds, and the median of the per-repetition ratios, old covariance
-over new.
+``covariance_one_row_per_patch`` here), in alternating repetitions. Both must
+give the same covariance up to float64 rounding: bit for bit on the 2-core AMD
+EPYC of BENCHMARKS.md, not on the H200 machine's Xeon, whose matrix products
+sum in another order (BENCHMARKS.md, section 7.1); the bench reports which,
+and the largest difference. The figures: ``init_whitening``'s median seconds,
+and the median of the per-repetition ratios, old covariance over new.
 
     python bench/whitening.py                                # normally distributed images
     python bench/whitening.py --folder /tmp/cifar10-jpeg     # 5,000 of its training images
@@ -45,6 +47,17 @@ def covariance_one_row_per_patch(images: torch.Tensor) -> torch.Tensor:
     return covariance / count
 
 
+# Largest difference, relative to the covariance's largest entry, that float64 rounding
+# explains: the same sum over 5,000 noise images in reverse order differs by about 6e-15;
+# two patch elements swapped by a wrong layout, by about 2e-3 (tests/test_speedrun.py).
+ROUNDING = 1e-9
+
+
+def largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest entry of ``|a - b|``, relative to the largest entry of ``|a|``."""
+    return ((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny)).item()
+
+
 def training_images(folder: Path | None) -> torch.Tensor:
     """5,000 normalised images, chosen as train.py chooses them (with a fixed seed) from the
     folder's training split, or normal noise."""
@@ -76,8 +89,11 @@ def main() -> None:
     info = benchlib.start("strict")
     images = training_images(args.folder)
     kernel = SpeedrunNet.WHITEN_KERNEL
-    if not torch.equal(patch_covariance(images, kernel), covariance_one_row_per_patch(images)):
-        raise SystemExit("the two layouts gave different covariances")
+    now_covariance, before_covariance = patch_covariance(images, kernel), covariance_one_row_per_patch(images)
+    bitwise = torch.equal(now_covariance, before_covariance)
+    difference = largest_difference(before_covariance, now_covariance)
+    if difference > ROUNDING:
+        raise SystemExit(f"the two layouts gave different covariances: largest relative difference {difference:.3g}")
     model = SpeedrunNet()
     whole, now, before = [], [], []
     for _ in range(args.repeats):
@@ -94,13 +110,16 @@ def main() -> None:
         [[name, *(f"{value:.3f}" for value in values)] for name, *values in rows],
     )
     ratio = benchlib.median_ratio(before, now)
-    print(f"same covariance, bit for bit; one row per patch / now: {ratio:.2f}x")
+    same = "bit for bit" if bitwise else f"up to rounding (largest relative difference {difference:.3g})"
+    print(f"same covariance, {same}; one row per patch / now: {ratio:.2f}x")
     benchlib.write_json(
         args.json,
         {
             "environment": info,
             "images": "folder" if args.folder else "normal noise",
             "threads": args.threads,
+            "covariances_bitwise_equal": bitwise,
+            "covariances_largest_relative_difference": difference,
             "init_whitening_s": whole,
             "patch_covariance_s": now,
             "one_row_per_patch_s": before,

@@ -170,15 +170,18 @@ def patch_covariance(images: Tensor, kernel: int) -> Tensor:
     its rows and columns ordered (C, kh, kw) like a convolution filter's weights.
 
     Computed in float64 on the CPU, in chunks of 512 images, whatever device
-    ``images`` are on: the result does not depend on the device.
+    ``images`` are on: the result does not depend on the device. Its last bits may
+    depend on the CPU's matrix-product kernels, which a run's environment
+    fingerprint records (``cpu_model``, ``cpu_capability``).
     """
     size = images.shape[1] * kernel**2
     covariance = torch.zeros(size, size, dtype=torch.float64)
     count = 0
     for chunk in images.detach().to("cpu", torch.float64).split(512):
         # (N, C, H', W', kh, kw) -> one row per filter element and one column per patch: this
-        # layout copies whole image rows, about twice as fast as one row per patch, and gave
-        # the same covariance, bit for bit (bench/whitening.py, BENCHMARKS.md section 7.1).
+        # layout copies whole image rows, about twice as fast as one row per patch, and gives
+        # the same covariance up to rounding: bit for bit on some CPUs, not on all
+        # (bench/whitening.py, BENCHMARKS.md section 7.1).
         patch_rows = chunk.unfold(2, kernel, 1).unfold(3, kernel, 1).permute(1, 4, 5, 0, 2, 3).reshape(size, -1)
         covariance += patch_rows @ patch_rows.T
         count += patch_rows.shape[1]

@@ -4,6 +4,7 @@ and train.py runs of it that repeat bitwise and resume exactly after kill -9."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from cifar.config import parse_config
 from cifar.data import synthetic
 from cifar.device_data import DeviceTrainBatches, augment_batch, augmentation_params, normalize
 from cifar.lookahead import Lookahead
-from cifar.models import SpeedrunNet
+from cifar.models import SpeedrunNet, patch_covariance
 from cifar.optim import build_optimizer
 from cifar.tta import tta_logits
 from repro.loader import GlobalBatchSampler
@@ -114,6 +115,25 @@ def test_whitening_layer_decorrelates_training_patches(splits):
     torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=0.05, rtol=0)
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
     assert not model.whiten.weight.requires_grad
+
+
+def test_the_whitening_bench_tells_rounding_from_a_wrong_layout():
+    # On the H200 machine's Xeon the two covariance layouts of bench/whitening.py differed in
+    # the last bits (another summation order), and the bench, which demanded bitwise equality,
+    # failed and timed nothing; a layout error must still fail it.
+    sys.path.insert(0, str(REPO / "bench"))  # bench/ is not a package
+    import whitening
+
+    images = torch.randn(5000, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    covariance = patch_covariance(images, SpeedrunNet.WHITEN_KERNEL)
+    reordered = patch_covariance(images.flip(0), SpeedrunNet.WHITEN_KERNEL)
+    assert not torch.equal(reordered, covariance)
+    assert whitening.largest_difference(covariance, reordered) <= whitening.ROUNDING
+    swapped = torch.arange(12)
+    swapped[[1, 2]] = swapped[[2, 1]]
+    assert whitening.largest_difference(covariance, covariance[swapped][:, swapped]) > whitening.ROUNDING
+    one_row_per_patch = whitening.covariance_one_row_per_patch(images)
+    assert whitening.largest_difference(covariance, one_row_per_patch) <= whitening.ROUNDING
 
 
 def test_lookahead_updates_every_n_steps_and_hands_over_the_slow_weights_at_the_end():
