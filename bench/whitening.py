@@ -1,20 +1,24 @@
-"""The speedrun net's whitening initialisation: its host time, and against the layout it replaced.
+"""The speedrun net's whitening initialisation: its time, and against the layout it replaced.
 
 train.py sets the whitening layer of ``model: speedrun`` before training starts,
-on the host: ``SpeedrunNet.init_whitening`` over 5,000 normalised training
-images in float64, at the config's torch thread count (``cpu_threads``, 1 by
-default). airbench94 counts its own whitening in a run's time, so the GPU check
-(stage f) adds this figure to the recipe's GPU seconds. Its covariance is
-timed against the layout ``init_whitening`` used before (one row per patch,
-``covariance_one_row_per_patch`` here), in alternating repetitions. Both must
-give the same covariance up to float64 rounding: bit for bit on the 2-core AMD
-EPYC of BENCHMARKS.md, not on the H200 machine's Xeon, whose matrix products
-sum in another order (BENCHMARKS.md, section 7.1); the bench reports which,
-and the largest difference. The figures: ``init_whitening``'s median seconds,
-and the median of the per-repetition ratios, old covariance over new.
+on the run's device: ``SpeedrunNet.init_whitening`` over 5,000 normalised
+training images, their covariance in float64 there, its eigendecomposition on
+the host (at the config's torch thread count, ``cpu_threads``, 1 by default).
+airbench94 counts its own whitening in a run's time, so the GPU check (stage f)
+adds this figure, taken on the GPU (``--device cuda``), to the recipe's GPU
+seconds; it includes copying the images to the device. The covariance on the
+device is timed against the layout ``init_whitening`` used before on the host
+(one row per patch, ``covariance_one_row_per_patch`` here), in alternating
+repetitions. Both must give the same covariance up to float64 rounding: bit
+for bit on the host of the 2-core AMD EPYC of BENCHMARKS.md, not on the H200
+machine's Xeon, whose matrix products sum in another order (BENCHMARKS.md,
+section 7.1); the bench reports which, and the largest difference. The
+figures: ``init_whitening``'s median seconds, and the median of the
+per-repetition ratios, old covariance over new.
 
     python bench/whitening.py                                # normally distributed images
     python bench/whitening.py --folder /tmp/cifar10-jpeg     # 5,000 of its training images
+    python bench/whitening.py --device cuda                  # as train.py on a GPU
 """
 
 from __future__ import annotations
@@ -70,9 +74,12 @@ def training_images(folder: Path | None) -> torch.Tensor:
     return normalize(splits.train.images[chosen], *stats)
 
 
-def seconds(function: Callable[..., object], *args: object) -> float:
+def seconds(device: torch.device, function: Callable[..., object], *args: object) -> float:
+    """Wall seconds of ``function(*args)``, with the work it queued on ``device`` done."""
     start = time.perf_counter()
     function(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -81,15 +88,21 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="an image folder (train/<class>/*); default: normal noise")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions of each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (train.py: cpu_threads, default 1)")
+    parser.add_argument("--device", default="cpu", help="where the covariance is computed (train.py: the run's device)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     torch.set_num_threads(args.threads)
     info = benchlib.start("strict")
     images = training_images(args.folder)
+    on_device = images.to(device)
     kernel = SpeedrunNet.WHITEN_KERNEL
-    now_covariance, before_covariance = patch_covariance(images, kernel), covariance_one_row_per_patch(images)
+    now_covariance = patch_covariance(on_device, kernel).cpu()
+    before_covariance = covariance_one_row_per_patch(images)
     bitwise = torch.equal(now_covariance, before_covariance)
     difference = largest_difference(before_covariance, now_covariance)
     if difference > ROUNDING:
@@ -97,13 +110,13 @@ def main() -> None:
     model = SpeedrunNet()
     whole, now, before = [], [], []
     for _ in range(args.repeats):
-        whole.append(seconds(model.init_whitening, images))
-        now.append(seconds(patch_covariance, images, kernel))
-        before.append(seconds(covariance_one_row_per_patch, images))
+        whole.append(seconds(device, lambda: model.init_whitening(images.to(device))))
+        now.append(seconds(device, patch_covariance, on_device, kernel))
+        before.append(seconds(torch.device("cpu"), covariance_one_row_per_patch, images))
     rows = [
-        ["init_whitening", *whole],
-        ["its covariance (patch_covariance)", *now],
-        ["the covariance, one row per patch", *before],
+        [f"init_whitening on {device.type}, the copy to it included", *whole],
+        [f"its covariance (patch_covariance) on {device.type}", *now],
+        ["the covariance, one row per patch, on the host", *before],
     ]
     benchlib.print_table(
         ["seconds", *(f"run {i + 1}" for i in range(args.repeats))],
@@ -118,6 +131,7 @@ def main() -> None:
             "environment": info,
             "images": "folder" if args.folder else "normal noise",
             "threads": args.threads,
+            "device": device.type,
             "covariances_bitwise_equal": bitwise,
             "covariances_largest_relative_difference": difference,
             "init_whitening_s": whole,

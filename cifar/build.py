@@ -205,7 +205,8 @@ def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accele
     """Initialise the weights from the model stream: identical on every rank,
     without touching the runtime stream (dropout) of this process. The speedrun
     net's whitening layer is computed from training images that the whitening
-    stream chooses."""
+    stream chooses, on the run's device: airbench counts its whitening in its
+    time, and at the host's one thread it took 0.6 s (BENCHMARKS.md, section 7.1)."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seeds.model())
         model = build_model(config.model, splits.num_classes)
@@ -213,8 +214,9 @@ def build_model_for(config: TrainConfig, splits: Splits, seeds: SeedPlan, accele
         chooser = torch.Generator().manual_seed(seeds.whitening())
         count = min(WHITENING_IMAGES, len(splits.train))
         chosen = torch.randperm(len(splits.train), generator=chooser)[:count].sort().values
-        stats = [torch.tensor(values).view(1, -1, 1, 1) for values in (splits.mean, splits.std)]
-        model.init_whitening(normalize(splits.train.images[chosen], *stats))
+        device = accelerator.device
+        stats = [torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (splits.mean, splits.std)]
+        model.init_whitening(normalize(splits.train.images[chosen].to(device), *stats))
     if config.determinism == "strict":
         findings = audit_model(model)
         if findings:

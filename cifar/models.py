@@ -169,15 +169,15 @@ def patch_covariance(images: Tensor, kernel: int) -> Tensor:
     """The covariance (uncentred) of all ``kernel`` x ``kernel`` patches of ``images`` (N, C, H, W),
     its rows and columns ordered (C, kh, kw) like a convolution filter's weights.
 
-    Computed in float64 on the CPU, in chunks of 512 images, whatever device
-    ``images`` are on: the result does not depend on the device. Its last bits may
-    depend on the CPU's matrix-product kernels, which a run's environment
-    fingerprint records (``cpu_model``, ``cpu_capability``).
+    Computed in float64 on the device ``images`` are on, in chunks of 512 images:
+    on a GPU where the run trains, rather than at the host's one thread. Its last
+    bits depend on that device's matrix-product kernels (on a CPU, on its
+    instruction set), which a run's environment fingerprint records.
     """
     size = images.shape[1] * kernel**2
-    covariance = torch.zeros(size, size, dtype=torch.float64)
+    covariance = torch.zeros(size, size, dtype=torch.float64, device=images.device)
     count = 0
-    for chunk in images.detach().to("cpu", torch.float64).split(512):
+    for chunk in images.detach().to(torch.float64).split(512):
         # (N, C, H', W', kh, kw) -> one row per filter element and one column per patch: this
         # layout copies whole image rows, about twice as fast as one row per patch, and gives
         # the same covariance up to rounding: bit for bit on some CPUs, not on all
@@ -220,12 +220,13 @@ class SpeedrunNet(nn.Module):
 
         The filters are the eigenvectors of the covariance of all 2x2 patches,
         each divided by the square root of its eigenvalue (plus ``eps``), so the
-        layer's outputs are decorrelated with unit variance. Computed in float64
-        on the CPU, in chunks: the result does not depend on the device.
+        layer's outputs are decorrelated with unit variance. The covariance is
+        computed in float64 on the device ``images`` are on (train.py: the run's),
+        its 12 x 12 eigendecomposition on the host.
         """
         kernel = self.WHITEN_KERNEL
         size = 3 * kernel**2
-        covariance = patch_covariance(images, kernel)
+        covariance = patch_covariance(images, kernel).cpu()
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).reshape(size, 3, kernel, kernel)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))

@@ -117,6 +117,13 @@ def test_whitening_layer_decorrelates_training_patches(splits):
     assert not model.whiten.weight.requires_grad
 
 
+def test_the_whitening_covariance_is_computed_where_the_images_are():
+    # train.py passes images on the run's device, so that on a GPU the covariance does not take
+    # the host's one thread (0.6 s); on the meta device a copy to the host would raise.
+    images = torch.empty(8, 3, 32, 32, device="meta")
+    assert patch_covariance(images, SpeedrunNet.WHITEN_KERNEL).device.type == "meta"
+
+
 def test_the_whitening_bench_tells_rounding_from_a_wrong_layout():
     # On the H200 machine's Xeon the two covariance layouts of bench/whitening.py differed in
     # the last bits (another summation order), and the bench, which demanded bitwise equality,
