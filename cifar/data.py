@@ -300,8 +300,11 @@ def imagefolder(data_dir: str, cache: Path | None = None) -> Splits:
 
 
 def _checksum(splits: Splits) -> str:
-    """A cache entry's checksum: the dataset fingerprint (which the run needs anyway) and the statistics."""
-    return hashlib.sha256(f"{splits.fingerprint()} {splits.mean} {splits.std}".encode()).hexdigest()
+    """A cache entry's checksum: the dataset fingerprint (which the run needs anyway), the
+    statistics, and each array's dtype and shape, which the fingerprint's bytes do not show."""
+    arrays = (splits.train.images, splits.train.labels, splits.test.images, splits.test.labels)
+    layout = [(tuple(array.shape), str(array.dtype)) for array in arrays]
+    return hashlib.sha256(f"{splits.fingerprint()} {splits.mean} {splits.std} {layout}".encode()).hexdigest()
 
 
 def _splits_of(train: ImageArray, test: ImageArray, num_classes: int) -> Splits:

@@ -12,7 +12,8 @@ decoder (:data:`DECODE_VERSION`, this project's decoding steps, and the versions
 of PIL and of its image libraries). A file changed, added, removed or renamed,
 or another PIL, makes another key, so a run never trains on stale arrays. An
 entry also holds a checksum of its arrays (cifar/data.py's: built on the
-dataset fingerprint that the run records anyway), checked when it is read: one
+dataset fingerprint that the run records anyway, and on the arrays' types and
+shapes, which the fingerprint's bytes do not show), checked when it is read: one
 that fails the check, or cannot be read, is decoded again and replaced.
 
 Entries are written atomically (a temporary file, then a rename): a run killed

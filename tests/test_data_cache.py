@@ -159,6 +159,27 @@ def test_an_entry_whose_arrays_fail_their_checksum_is_not_used(tmp_path, monkeyp
     assert len(reread) == 32  # decoded again, not taken from the entry
 
 
+@pytest.mark.parametrize("relabel", ["images viewed as int8", "images reshaped", "labels as int32"])
+def test_an_entry_whose_arrays_keep_their_bytes_but_not_their_type_or_shape_is_not_used(tmp_path, relabel):
+    # The fingerprint hashes the arrays' bytes: an entry rewritten with the same bytes under
+    # another dtype or shape kept its checksum, and a run trained on those arrays.
+    folder, cache = make_folder(tmp_path / "data"), tmp_path / "cache"
+    decoded = imagefolder(str(folder), cache)
+    (entry,) = entries(cache)
+    arrays, checksum = data_cache.load(cache, entry.stem.removeprefix("imagefolder-"))
+    if relabel == "images viewed as int8":
+        arrays["train_images"] = arrays["train_images"].view(np.int8)
+    elif relabel == "images reshaped":
+        arrays["train_images"] = arrays["train_images"].reshape(-1, 32, 32, 3)
+    else:
+        arrays["train_labels"] = arrays["train_labels"].astype(np.int32)
+    with entry.open("wb") as file:
+        np.savez(file, checksum=np.array(checksum), **arrays)
+    again = imagefolder(str(folder), cache)
+    assert ", cached in " in again.source  # decoded again, and the entry replaced
+    assert same_data(again, decoded) and again.train.images.dtype == decoded.train.images.dtype
+
+
 def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path):
     folder, blocker = make_folder(tmp_path / "data"), tmp_path / "a-file"
     blocker.write_text("not a folder")
