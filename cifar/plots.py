@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
+
+from repro.files import write_atomic
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
@@ -31,6 +34,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    image = io.BytesIO()
+    try:
+        figure.savefig(image, format="png", dpi=100)
+    finally:
+        plt.close(figure)
+    # Rendered in memory, then written through a rename: a full disk or a kill while
+    # writing leaves the previous plot, never a truncated PNG under its name.
+    write_atomic(path, image.getvalue())
     return True

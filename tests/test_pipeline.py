@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +144,32 @@ def test_curves_png_is_a_valid_image(reference_run):
     with Image.open(reference_run / "curves.png") as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_a_plot_that_fails_while_writing_leaves_the_previous_one(tmp_path, monkeypatch):
+    # savefig wrote straight to curves.png: a full disk or a kill mid-write left a truncated
+    # PNG under the name, beside a valid manifest and weights.
+    from matplotlib.figure import Figure
+
+    from cifar.plots import plot_curves
+
+    records = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "test_accuracy": 0.5}]
+    path = tmp_path / "curves.png"
+    assert plot_curves(records, path)
+    before = path.read_bytes()
+
+    def savefig_then_disk_full(figure, target, **kwargs):
+        if hasattr(target, "write"):
+            target.write(b"\x89PNG partial")
+        else:
+            Path(target).write_bytes(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        plot_curves(records, path)
+    assert path.read_bytes() == before
+    assert [entry.name for entry in tmp_path.iterdir()] == ["curves.png"]  # no temporary left
 
 
 def test_without_matplotlib_a_run_trains_and_skips_only_the_curves(tmp_path):
