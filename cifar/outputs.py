@@ -201,6 +201,19 @@ def _stray(entry: Path) -> Path | None:
     return entry
 
 
+def _image_folder_split_holding(output_dir: Path, config: TrainConfig) -> Path | None:
+    """The ``train`` or ``test`` folder of ``--dataset imagefolder`` that ``output_dir`` lies in, if any:
+    a run folder there would become a class of the data set, for this run and every later one."""
+    if config.dataset != "imagefolder":
+        return None
+    try:
+        output = output_dir.resolve()
+        splits = [(Path(config.data_dir) / split).resolve() for split in ("train", "test")]
+    except (OSError, RuntimeError):  # a path the system cannot look up: check_output_dir says so
+        return None
+    return next((split for split in splits if output.is_relative_to(split)), None)
+
+
 def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
     """Refuse a folder this run may not write: not a folder, not a run folder of this
     project, or (unless ``--overwrite``) one that holds a different run, or this run's
@@ -209,6 +222,12 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
     Read-only. A folder holding the same resolved config (up to run-control keys
     such as ``num_workers``) is the same run: it may be written again, and resumed.
     """
+    split_dir = _image_folder_split_holding(output_dir, config)
+    if split_dir is not None:
+        raise RunFolderError(
+            f"output folder {output_dir} is inside {split_dir}, where every folder is read as a class of "
+            "the image folder; choose an --output-dir outside it"
+        )
     if not _exists(output_dir):
         return
     if not output_dir.is_dir():

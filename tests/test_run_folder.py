@@ -24,6 +24,7 @@ from conftest import (
     assert_one_line_error,
     clean_env,
     free_port,
+    make_folder,
     read_manifest,
     read_metrics,
     run_train,
@@ -182,6 +183,28 @@ def test_an_output_path_the_system_cannot_look_up_is_refused_in_one_line(tmp_pat
     (tmp_path / "file").write_text("")
     with pytest.raises(RunFolderError, match=r"^output path .*/file/run: Not a directory$"):
         check_output_dir(tmp_path / "file" / "run", parse_config([]))
+
+
+def test_an_output_folder_inside_the_image_folders_splits_is_refused_before_it_is_made(tmp_path):
+    # Made and marked before the data loaded, train/run1 became a class the data set refused,
+    # and stayed: every later run on the folder failed on a class named run1.
+    from cifar.config import parse_config
+    from cifar.outputs import RunFolderError, check_output_dir
+
+    data = make_folder(tmp_path / "data")
+    before = snapshot(data)
+    result = run_train(
+        "--dataset", "imagefolder", "--data-dir", str(data), "--output-dir", str(data / "train" / "run1")
+    )  # fmt: skip
+    assert_one_line_error(result, "inside", "where every folder is read as a class")
+    assert snapshot(data) == before
+    (tmp_path / "link").symlink_to(data / "test")
+    for inside in (data / "test" / "cat" / "run", tmp_path / "link" / "run"):
+        config = parse_config(["--dataset", "imagefolder", "--data-dir", str(data), "--output-dir", str(inside)])
+        with pytest.raises(RunFolderError, match="where every folder is read as a class"):
+            check_output_dir(inside, config)
+    beside = data / "runs" / "one"
+    check_output_dir(beside, parse_config(["--dataset", "imagefolder", "--data-dir", str(data)]))
 
 
 def test_overwrite_with_resume_is_a_usage_error(reference_run, tmp_path):
