@@ -46,6 +46,7 @@ from cifar.build import (
     make_accelerator,
     prepare_training,
     to_device,
+    write_on_main_process,
 )
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
@@ -109,18 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model_for(config, splits, seeds, accelerator)
     # The optimizer, its schedule and the lookahead; the model and optimizer prepared by accelerate.
     training = prepare_training(config, run_dir, accelerator, model, sampler, splits, environment)
-    if config.overwrite and accelerator.is_main_process:
-        clear_run_dir(run_dir)  # only now: a run refused above (its data, its batch size) deletes nothing
+    again = "make room, then run the same command again"
+    if config.overwrite:  # only now: a run refused above (its data, its batch size) deletes nothing
+        write_on_main_process(accelerator, lambda: clear_run_dir(run_dir), again)
 
     metrics = MetricsLog(run_dir / METRICS_FILE)
     progress, loss_sum = resume(training)
-    if accelerator.is_main_process:
-        if progress.step < (config.max_steps or last_step):
-            # Training on, the run leaves the end its manifest describes: a kill from here on
-            # must leave no manifest beside the checkpoints, metrics and config of another end.
-            remove_final_files(run_dir)
-        write_config(run_dir, config)
-        metrics.rewrite(progress.records)  # a resumed run drops the lines logged after its checkpoint
+    trains_on = progress.step < (config.max_steps or last_step)
+    write_on_main_process(accelerator, lambda: start_run_files(run_dir, config, metrics, progress, trains_on), again)
     tracking.init_trackers(accelerator, run_dir, progress.step)
     accelerator.wait_for_everyone()
 
@@ -143,6 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     tracking.finish_trackers(accelerator)
     accelerator.end_training()
     return 0 if stopped_by is None else 128 + stopped_by
+
+
+def start_run_files(
+    run_dir: Path, config: TrainConfig, metrics: MetricsLog, progress: Progress, trains_on: bool
+) -> None:
+    """The run folder as a run that starts (or resumes) and ``trains_on`` leaves it: its config,
+    and the metrics records its checkpoint holds."""
+    if trains_on:
+        # Training on, the run leaves the end its manifest describes: a kill from here on
+        # must leave no manifest beside the checkpoints, metrics and config of another end.
+        remove_final_files(run_dir)
+    write_config(run_dir, config)
+    metrics.rewrite(progress.records)  # a resumed run drops the lines logged after its checkpoint
 
 
 @dataclass
@@ -278,8 +288,9 @@ def finish_epoch(
         clock.epoch_start, clock.first_position = time.perf_counter(), 0
     # Only now, a checkpoint of this step written: a folder whose metrics.jsonl holds a record
     # but that has no checkpoint is one whose checkpoints were deleted (cifar/outputs.py: run_result_file).
-    if accelerator.is_main_process:
-        metrics.append(record)
+    resume_command = f"python train.py --resume latest --output-dir {training.run_dir}"
+    advice = f"the checkpoint holds the record: make room, then {resume_command}"
+    write_on_main_process(accelerator, lambda: metrics.append(record), advice)
     return result
 
 

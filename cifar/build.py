@@ -7,6 +7,7 @@ is written or trained. The benchmarks of train.py's loop build it with them too.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from cifar.device_data import DeviceTestBatches, DeviceTrainBatches, normalize
 from cifar.lookahead import Lookahead
 from cifar.models import SpeedrunNet, build_model
 from cifar.optim import build_optimizer
-from cifar.outputs import claim_run_dir, run_dir_of
+from cifar.outputs import RunFolderError, claim_run_dir, run_dir_of
 from repro.audit import audit_model
 from repro.augment import SeededAugmentation
 from repro.checkpoint import Checkpointer
@@ -134,6 +135,28 @@ def claim_run_folder(config: TrainConfig, accelerator: Accelerator) -> Path:
     if refusal is not None:
         raise UsageError(refusal)
     return run_dir
+
+
+def write_on_main_process(accelerator: Accelerator, write: Callable[[], None], advice: str) -> None:
+    """Call ``write`` (files of the run folder) on the main process; when it fails there
+    (a full disk, a folder made read-only), every rank stops with the same one-line
+    :class:`RunFolderError`, ending in ``advice``.
+
+    When: wherever the main process writes the run folder between collectives, on
+    every rank at the same point (a collective under torch.distributed). Without it
+    the main process died with a traceback and the others with a lost connection.
+    """
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            write()
+        except RunFolderError as error:
+            failure = str(error)
+        except OSError as error:
+            failure = f"cannot write the run folder ({error.strerror or error}: {error.filename}); {advice}"
+    [failure] = broadcast_object_list([failure])
+    if failure is not None:
+        raise RunFolderError(failure)
 
 
 Batches = DataLoader | DeviceTrainBatches | DeviceTestBatches

@@ -310,7 +310,10 @@ def claim_run_dir(run_dir: Path, config: TrainConfig) -> None:
     # Again, under the lock: the run that held the folder until now may have changed it.
     check_output_dir(run_dir, config)
     if _format_of(run_dir / MARKER_NAME) != RUN_FORMAT:
-        write_json(run_dir / MARKER_NAME, {"format": RUN_FORMAT, "version": 1})
+        try:
+            write_json(run_dir / MARKER_NAME, {"format": RUN_FORMAT, "version": 1})
+        except OSError as error:
+            raise RunFolderError(f"cannot write to run folder {run_dir}: {error.strerror}") from None
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -256,6 +256,27 @@ def test_read_only_folder_and_full_disk_fail_in_one_line_and_lose_nothing(many_c
     assert_same_run(run_dir, reference_run)
 
 
+def test_a_disk_full_for_the_config_or_the_metrics_stops_in_one_line_and_resumes(reference_run, tmp_path):
+    # Outside the checkpoint and the final files, a full disk gave a traceback and exit 1: at
+    # the start (config.yaml) and at an epoch's end (metrics.jsonl, after the checkpoint).
+    run_dir = tmp_path / "run"
+    command = [*TINY, "--output-dir", str(run_dir)]
+
+    def on_a_full_disk_for(name: str) -> subprocess.CompletedProcess:
+        probe = [sys.executable, str(REPO / "tests" / "disk_full_probe.py"), name, *command]
+        env = clean_env(PYTHONHASHSEED="0")
+        return subprocess.run(probe, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+    result = on_a_full_disk_for(".config.yaml.*")  # written atomically, through a temporary file
+    assert_one_line_error(result, "No space left on device", "config.yaml", "run the same command again")
+    result = on_a_full_disk_for("metrics.jsonl")  # the same command again: the folder is this run's
+    assert_one_line_error(result, "No space left on device", f"--resume latest --output-dir {run_dir}")
+    assert not (run_dir / "metrics.jsonl").read_text()  # the epoch's line was never written
+    result = run_train(*command, "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(run_dir, reference_run)
+
+
 # Slow (30 s): in make test, one process's failed write is test_read_only_folder_and_full_disk_..., and two
 # ranks agreeing on a failed save is test_checkpoint_library_hardening's two-process test.
 @pytest.mark.slow
