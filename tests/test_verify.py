@@ -515,6 +515,9 @@ def test_reproduce_matches_the_recorded_weights(reference_run, reproduction):
     assert read_manifest(again)["weights_sha256"] == expected
 
 
+# Slow (17 s), for the suite's 10 minutes: reproduce's default path is test_reproduce_matches_the_recorded_weights,
+# and data that differs is named by test_checkpoint_hardening's test_resume_refuses_other_data_...
+@pytest.mark.slow
 def test_reproduce_reports_changed_test_data_that_leaves_the_weights_alone(tmp_path, child_env):
     folder = make_folder(tmp_path / "images", per_class=16)  # 32 training images: one batch of TINY's
     run = tmp_path / "run"
@@ -568,6 +571,9 @@ manifest = {
 CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
+# Slow (12 s), for the suite's 10 minutes: test_library's fingerprint test records a lowered instruction set
+# and names it among the differences, which compare and reproduce print.
+@pytest.mark.slow
 def test_compare_and_reproduce_name_a_lowered_cpu_instruction_set_as_an_environment_difference(
     tmp_path, child_env, monkeypatch
 ):
