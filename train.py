@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 def start_run_files(
     run_dir: Path, config: TrainConfig, metrics: MetricsLog, progress: Progress, trains_on: bool
 ) -> None:
-    """The run folder as a run that starts (or resumes) and ``trains_on`` leaves it: its config,
-    and the metrics records its checkpoint holds."""
+    """Write what a starting or resumed run keeps in its folder: its config, and the metrics
+    records its checkpoint holds; one that ``trains_on`` first removes the files of its old end."""
     if trains_on:
         # Training on, the run leaves the end its manifest describes: a kill from here on
         # must leave no manifest beside the checkpoints, metrics and config of another end.
