@@ -15,8 +15,8 @@ FROM ${BASE_IMAGE}
 #   --build-arg PIP_EXTRA_ARGS="--index-url https://mirror.example/simple"
 # Empty by default: plain PyPI, as in the README's install.
 ARG PIP_EXTRA_ARGS=""
-# The commit the image was built from, for `docker inspect` (.git is not copied
-# in, so the run manifest's git_commit is null inside the image).
+# The commit the image was built from, for `docker inspect` (.git is not copied in:
+# `unknown` unless the build passes --build-arg GIT_COMMIT=$(git rev-parse HEAD)).
 ARG GIT_COMMIT=unknown
 LABEL org.opencontainers.image.revision="${GIT_COMMIT}"
 # ...and for the manifest, whose fingerprint falls back on this variable without .git.

@@ -401,8 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices = _choices(spec.name)
         help_text = spec.metadata.get("help", "")
         if hints[spec.name] is bool:
+            on_or_off = "on" if spec.default else "off"
             parser.add_argument(
-                flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                flag,
+                dest=spec.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default: {on_or_off})",
             )
         else:
             parser.add_argument(

@@ -66,3 +66,16 @@ def test_a_registered_model_is_a_config_choice(monkeypatch):
         models.register_model("linear", nn.Identity)
     with pytest.raises(ValueError, match="a model name is letters, digits"):
         models.register_model("../linear", nn.Identity)
+
+
+def test_every_flags_help_gives_its_default():
+    # README says --help lists every setting with its default; the on/off flags gave none,
+    # so channels_last, on by default, could not be told from the others.
+    import dataclasses
+
+    from cifar.config import TrainConfig
+
+    actions = {action.dest: action for action in build_parser()._actions}
+    for spec in dataclasses.fields(TrainConfig):
+        shown = "on" if spec.default is True else "off" if spec.default is False else str(spec.default)
+        assert actions[spec.name].help.endswith(f"(default: {shown})"), (spec.name, actions[spec.name].help)
