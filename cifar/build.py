@@ -122,25 +122,20 @@ def claim_run_folder(config: TrainConfig, accelerator: Accelerator) -> Path:
     stops with the same one-line error: none waits for a process that gave up.
     """
     run_dir = run_dir_of(config)
-    refusal = None
-    if accelerator.is_main_process:
-        try:
-            claim_run_dir(run_dir, config)
-        except ConfigError as error:
-            refusal = str(error)
-        else:
-            for stale in Checkpointer(run_dir / CHECKPOINTS_DIR).remove_stale_staging():
-                accelerator.print(f"removed {stale}, a checkpoint interrupted while being written")
-    [refusal] = broadcast_object_list([refusal])
-    if refusal is not None:
-        raise UsageError(refusal)
+
+    def claim() -> None:
+        claim_run_dir(run_dir, config)
+        for stale in Checkpointer(run_dir / CHECKPOINTS_DIR).remove_stale_staging():
+            accelerator.print(f"removed {stale}, a checkpoint interrupted while being written")
+
+    write_on_main_process(accelerator, claim, "make room, then run the same command again")
     return run_dir
 
 
 def write_on_main_process(accelerator: Accelerator, write: Callable[[], None], advice: str) -> None:
     """Call ``write`` (files of the run folder) on the main process; when it fails there
-    (a full disk, a folder made read-only), every rank stops with the same one-line
-    :class:`RunFolderError`, ending in ``advice``.
+    (a full disk, a folder made read-only, a folder refused), every rank stops with the
+    same one-line :class:`ConfigError`, an ``OSError``'s ending in ``advice``.
 
     When: wherever the main process writes the run folder between collectives, on
     every rank at the same point (a collective under torch.distributed). Without it
@@ -150,7 +145,7 @@ def write_on_main_process(accelerator: Accelerator, write: Callable[[], None], a
     if accelerator.is_main_process:
         try:
             write()
-        except RunFolderError as error:
+        except ConfigError as error:
             failure = str(error)
         except OSError as error:
             failure = f"cannot write the run folder ({error.strerror or error}: {error.filename}); {advice}"

@@ -303,17 +303,14 @@ def claim_run_dir(run_dir: Path, config: TrainConfig) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir)
+        # Again, under the lock: the run that held the folder until now may have changed it.
+        check_output_dir(run_dir, config)
+        if _format_of(run_dir / MARKER_NAME) != RUN_FORMAT:
+            write_json(run_dir / MARKER_NAME, {"format": RUN_FORMAT, "version": 1})
     except RunFolderInUseError as error:
         raise RunFolderError(str(error)) from None
     except OSError as error:
         raise RunFolderError(f"cannot write to run folder {run_dir}: {error.strerror}") from None
-    # Again, under the lock: the run that held the folder until now may have changed it.
-    check_output_dir(run_dir, config)
-    if _format_of(run_dir / MARKER_NAME) != RUN_FORMAT:
-        try:
-            write_json(run_dir / MARKER_NAME, {"format": RUN_FORMAT, "version": 1})
-        except OSError as error:
-            raise RunFolderError(f"cannot write to run folder {run_dir}: {error.strerror}") from None
 
 
 def clear_run_dir(run_dir: Path) -> None:
