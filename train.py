@@ -51,6 +51,7 @@ from cifar.build import (
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
 from cifar.data import DataError, load_splits_on_every_rank
+from cifar.optim import set_whitening_bias_training
 from cifar.outputs import (
     MetricsLog,
     RunFolderError,
@@ -231,11 +232,14 @@ def train(
 
 
 def remaining_batches(train_batches: Batches, training: Training, progress: Progress) -> Iterator[tuple]:
-    """The training batches from where ``progress`` stands to the run's last epoch, each
-    epoch's order set on the sampler as it starts, with a progress bar per epoch."""
+    """The training batches from where ``progress`` stands to the run's last epoch, with a
+    progress bar per epoch; as each epoch starts, its order is set on the sampler and the
+    whitening bias's gradient switched on or off."""
     config, accelerator = training.config, training.accelerator
+    unwrapped = accelerator.unwrap_model(training.model)
     for epoch in range(progress.epoch, config.epochs):
         training.sampler.set_epoch(epoch, progress.position)
+        set_whitening_bias_training(unwrapped, epoch, config, accelerator.num_processes)
         description = f"epoch {epoch + 1}/{config.epochs}"
         with tqdm(train_batches, desc=description, disable=not accelerator.is_main_process) as bar:
             yield from bar

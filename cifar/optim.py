@@ -65,3 +65,22 @@ def build_optimizer(
     factors = [lr_factor, lr_factor, lr_factor, whitening_factor]  # one per group, in order
     used = [factor for group, factor in zip(groups, factors, strict=True) if group["params"]]
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, used)
+
+
+def set_whitening_bias_training(model: nn.Module, epoch: int, config: TrainConfig, num_processes: int) -> None:
+    """Let the speedrun model's whitening bias have a gradient only in its first
+    ``whiten_bias_epochs`` epochs; other models are left as they are.
+
+    Call it at the start of every epoch, on the unwrapped model. After those epochs
+    the schedule of :func:`build_optimizer` gives the bias a learning rate of 0, so
+    its gradient moves nothing; not computing it spares three backward operations at
+    full image size: the gradient of the second convolution's input, GELU's and the
+    bias's sum over every pixel (airbench94 switches it off too). The weights are the
+    same bit for bit either way. With more than one process the gradient stays on:
+    DistributedDataParallel waits for every parameter it was built with, and raises
+    when one gets no gradient.
+    """
+    trains = epoch < config.whiten_bias_epochs or num_processes > 1
+    for module in model.modules():
+        if isinstance(module, SpeedrunNet):
+            module.whiten.bias.requires_grad_(trains)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import REPO, read_manifest, train_ok
 from test_resume import assert_same_run, start_training, wait_for_checkpoint
 from torch import nn
@@ -19,7 +20,7 @@ from cifar.data import synthetic
 from cifar.device_data import DeviceTrainBatches, augment_batch, augmentation_params, normalize
 from cifar.lookahead import Lookahead
 from cifar.models import SpeedrunNet, patch_covariance
-from cifar.optim import build_optimizer
+from cifar.optim import build_optimizer, set_whitening_bias_training
 from cifar.tta import tta_logits
 from repro.loader import GlobalBatchSampler
 from repro.seeds import SeedPlan
@@ -182,6 +183,51 @@ def test_optimizer_groups_follow_the_recipe():
     assert conv["lr"] > 0.0
 
 
+def train_speedrun_net(epochs: int, steps_per_epoch: int, *, switch_whitening_bias: bool) -> nn.Module:
+    """A SpeedrunNet trained by the recipe's optimizer on random images, the whitening
+    bias's gradient switched per epoch as train.py switches it, or always on."""
+    config = parse_config(["--config", CONFIG, "--whiten-bias-epochs", "1"])
+    torch.manual_seed(0)
+    model = SpeedrunNet()
+    optimizer, scheduler = build_optimizer(config, model, steps_per_epoch)
+    data = torch.Generator().manual_seed(1)
+    for epoch in range(epochs):
+        if switch_whitening_bias:
+            set_whitening_bias_training(model, epoch, config, num_processes=1)
+        for _ in range(steps_per_epoch):
+            images, labels = torch.randn(4, 3, 32, 32, generator=data), torch.randint(0, 10, (4,), generator=data)
+            nn.functional.cross_entropy(model(images), labels, label_smoothing=0.2).backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def test_the_whitening_bias_gradient_stops_after_its_epochs_and_no_weight_changes():
+    switched = train_speedrun_net(3, 2, switch_whitening_bias=True)
+    always = train_speedrun_net(3, 2, switch_whitening_bias=False)
+    assert not switched.whiten.bias.requires_grad and switched.whiten.bias.grad is None
+    assert always.whiten.bias.requires_grad
+    for name, tensor in always.state_dict().items():
+        assert torch.equal(switched.state_dict()[name], tensor), name
+
+
+def test_under_ddp_the_whitening_bias_keeps_its_gradient():
+    # DDP waits for a gradient of every parameter it was built with: a bias switched off
+    # makes the next step raise "Expected to have finished reduction in the prior iteration".
+    config = parse_config(["--config", CONFIG, "--whiten-bias-epochs", "1"])
+    model = SpeedrunNet()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        for epoch in range(3):
+            set_whitening_bias_training(model, epoch, config, num_processes=2)
+            wrapped(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert model.whiten.bias.requires_grad
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def speedrun_reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("speedrun") / "run"
@@ -195,6 +241,17 @@ def test_speedrun_repeats_bitwise(speedrun_reference, tmp_path):
     assert manifest["weights_sha256"] == read_manifest(speedrun_reference)["weights_sha256"]
     assert manifest["config"]["model"] == "speedrun"
     assert manifest["step"] == 8
+
+
+def test_train_py_stops_the_whitening_bias_gradient_after_its_epochs(speedrun_reference):
+    # SGD leaves a parameter without a gradient alone: the bias's momentum buffer, which its
+    # weight decay alone would move, stays as epoch 1 (the one whitening epoch) left it.
+    def whitening_bias_momentum(step):
+        state = torch.load(speedrun_reference / "checkpoints" / f"step-{step:08d}" / "optimizer.pt")
+        *_, whitening = state["param_groups"]
+        return state["state"][whitening["params"][0]]["momentum_buffer"]
+
+    assert torch.equal(whitening_bias_momentum(4), whitening_bias_momentum(8))
 
 
 def latest_step(run_dir) -> int:
