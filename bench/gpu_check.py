@@ -45,7 +45,8 @@ f. With a CIFAR-10 folder: the speedrun recipe (``configs/cifar10_speedrun.yaml`
    cold. Then the repeat's weights against the first's (bitwise), the
    speedrun network's bare training step at batch 1024 in bf16 strict (as
    stage c measures) and train.py's rate over epochs 2 on against it (target
-   >= 0.9).
+   >= 0.9), and the same bare step with determinism off: what determinism
+   costs this network without train.py, beside the end-to-end strict/off.
 
 g. Whether the GPU waits for the host in train.py's steps
    (bench/step_timeline.py: a torch.profiler timeline of the speedrun recipe's
@@ -664,10 +665,18 @@ def stage_f(report: Report, device: torch.device, out: Path, data: Path, smoke: 
         report.add("f", "speedrun strict/off end to end", "ok" if ratio >= 0.95 else "below target",
                    f"{ratio:.3f} (warm training and evaluation seconds, off "
                    f"{off_run['training_and_evaluation_s']:.2f} s)")  # fmt: skip
-    bare_run = throughput(report, "f", "strict", device, "speedrun", (2, 1, 1) if smoke else (1024, 15, 60))
+    sizes = (2, 1, 1) if smoke else (1024, 15, 60)
+    bare_run = throughput(report, "f", "strict", device, "speedrun", sizes)
     if bare_run is None:
         return
     bare = report.figures["f_bare_step_images_per_s"] = bare_run["speedrun"]
+    # What determinism itself costs this network, to set against the end-to-end strict/off above.
+    bare_off_run = throughput(report, "f", "off", device, "speedrun", sizes)
+    if bare_off_run is not None:
+        bare_off = report.figures["f_bare_step_off_images_per_s"] = bare_off_run["speedrun"]
+        report.figures["f_bare_step_strict_over_off"] = bare / bare_off
+        report.add("f", "speedrun bare step strict/off", "measured",
+                   f"{bare / bare_off:.3f} (strict {bare:.0f} img/s, off {bare_off:.0f} img/s)")  # fmt: skip
     if first is None:
         report.add("f", "speedrun bare step", "measured", f"{bare:.0f} img/s (no train.py run to compare)")
         return
