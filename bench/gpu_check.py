@@ -47,6 +47,8 @@ f. With a CIFAR-10 folder: the speedrun recipe (``configs/cifar10_speedrun.yaml`
    stage c measures) and train.py's rate over epochs 2 on against it (target
    >= 0.9), and the same bare step with determinism off: what determinism
    costs this network without train.py, beside the end-to-end strict/off.
+   Last, the bare step with and without the whitening bias's gradient
+   (bench/whitening_bias.py), which train.py leaves off after the bias's epochs.
 
 g. Whether the GPU waits for the host in train.py's steps
    (bench/step_timeline.py: a torch.profiler timeline of the speedrun recipe's
@@ -677,6 +679,16 @@ def stage_f(report: Report, device: torch.device, out: Path, data: Path, smoke: 
         report.figures["f_bare_step_strict_over_off"] = bare / bare_off
         report.add("f", "speedrun bare step strict/off", "measured",
                    f"{bare / bare_off:.3f} (strict {bare:.0f} img/s, off {bare_off:.0f} img/s)")  # fmt: skip
+    sizes_arguments = (
+        ["--batch-size", "8", "--steps", "1", "--rounds", "1"] if smoke else ["--batch-size", "1024", "--steps", "40"]
+    )
+    bias_arguments = ["--device", device.type, *sizes_arguments]
+    bias = run_bench(report, "f", "whitening bias's gradient", out, "whitening_bias", bias_arguments)
+    if bias is not None:
+        report.figures["f_step_without_over_with_whitening_bias_gradient"] = bias["without_over_with"]
+        report.add("f", "speedrun step without/with the whitening bias's gradient", "measured",
+                   f"{bias['without_over_with']:.3f} (bare steps, strict; train.py switches it off "
+                   "after the bias's training epochs)")  # fmt: skip
     if first is None:
         report.add("f", "speedrun bare step", "measured", f"{bare:.0f} img/s (no train.py run to compare)")
         return
