@@ -68,6 +68,15 @@ h. Host time per step of train.py's own loop on this machine
    hand-written loop, and a cProfile of one epoch in the log
    (``host_overhead.log``): where the host time that keeps train.py below the
    bare step goes. Not in the default set; about a minute.
+i. With a CIFAR-10 folder and ``--airbench94 PATH`` (the published
+   airbench94.py, which this project does not ship): airbench94 side by side
+   on the same card and data (bench/airbench_baseline.py writes the folder as
+   the files its loader reads, runs it for up to 75 s and reads its runs'
+   test-time-augmented accuracy and GPU seconds); the mean accuracy and median
+   seconds of its runs after the first (cold), and stage f's speedrun GPU
+   seconds and mean accuracy against them, when stage f ran before it in the
+   same check. Not in the default set; about 90 s. On the CPU it writes
+   the data files only (airbench94 needs CUDA).
 
 ``--stages`` picks the stages and their order (default ``fcbade``: issue 12's
 targets first). ``--budget-s`` (default 460) is the check's time: no stage
@@ -541,6 +550,40 @@ def stage_h(report: Report, out: Path, smoke: bool) -> None:
     report.add("h", "host time per step", "measured", detail)
 
 
+def stage_i(report: Report, out: Path, data: Path, script: Path | None, smoke: bool) -> None:
+    """airbench94 on the same card and data (bench/airbench_baseline.py), and the speedrun
+    recipe's GPU seconds and accuracy against it when stage f ran earlier in this check."""
+    if script is None:
+        report.add("i", "airbench94", "skipped", "no --airbench94 PATH given (AIRBENCH94= for gpu_check.sh)")
+        return
+    if not script.is_file():
+        report.add("i", "airbench94", "FAIL", f"--airbench94 {script}: no such file")
+        return
+    arguments = ["--data-dir", str(data), "--out", str(out / "airbench94"), "--script", str(script)]
+    if smoke:
+        arguments.append("--data-only")
+    figures = run_bench(report, "i", "airbench94", out, "airbench_baseline", arguments)
+    if figures is None:
+        return
+    if smoke:
+        report.add("i", "airbench94's data files", "measured", f"{figures['images']} (airbench94 runs on CUDA only)")
+        return
+    report.figures["i_airbench94"] = {key: figures[key] for key in figures if key not in ("environment", "settings")}
+    if "median_seconds" not in figures:
+        report.add("i", "airbench94", "FAIL", f"{len(figures['runs'])} runs finished: none after the cold one")
+        return
+    seconds, accuracy = figures["median_seconds"], figures["mean_tta_val_acc"]
+    report.add("i", f"airbench94, {figures['warm_runs']} warm runs", "measured",
+               f"{accuracy:.2%} mean; GPU {seconds:.2f} s median "
+               f"({figures['seconds_range'][0]:.2f}-{figures['seconds_range'][1]:.2f} s)")  # fmt: skip
+    if "f_median_gpu_s" in report.figures:
+        ratio = report.figures["i_speedrun_over_airbench94_s"] = report.figures["f_median_gpu_s"] / seconds
+        difference = report.figures["f_mean_accuracy"] - accuracy
+        report.add("i", "speedrun GPU time / airbench94's", "ok" if ratio <= 1.5 else "below target",
+                   f"{ratio:.2f} (target <= 1.5, goal 1.0); accuracy {difference * 100:+.2f} points "
+                   "(target >= -0.2)")  # fmt: skip
+
+
 FP32_RUN_MIN_S = 200  # stage e's full-precision run: 113 s of training on the H100 (issue 12), and 24 evaluations
 
 
@@ -712,6 +755,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--stages", default=DEFAULT_STAGES, help=f"which stages to run, in this order (default {DEFAULT_STAGES})"
     )
+    parser.add_argument("--airbench94", type=Path, help="stage i: the published airbench94.py, brought by you")
     parser.add_argument("--throughput-process", choices=benchlib.DETERMINISM_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--models", help=argparse.SUPPRESS)
@@ -763,6 +807,7 @@ def main() -> int:
         "f": lambda: stage_f(report, device, args.out, args.data, args.cpu_smoke),
         "g": lambda: stage_g(report, args.out, args.cpu_smoke),
         "h": lambda: stage_h(report, args.out, args.cpu_smoke),
+        "i": lambda: stage_i(report, args.out, args.data, args.airbench94, args.cpu_smoke),
     }
     unknown = set(args.stages) - set(stages)
     if unknown:
@@ -771,9 +816,9 @@ def main() -> int:
     stage_seconds = report.figures["stage_s"] = {}  # what each stage costs of the check's 8 minutes
     for stage in args.stages:
         stage_started = time.perf_counter()
-        if stage in "bdefgh" and missing:
+        if stage in "bdefghi" and missing:
             report.add(stage, "train.py", "skipped", f"train.py needs {', '.join(missing)} (missing)")
-        elif stage in "ef" and args.data is None:
+        elif stage in "efi" and args.data is None:
             report.add(stage, "CIFAR-10 runs", "skipped", "no CIFAR-10 folder given")
         elif stage_started > started + args.budget_s:
             report.add(stage, "stage", "skipped", f"the {args.budget_s:.0f} s budget is spent")

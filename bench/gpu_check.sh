@@ -9,6 +9,7 @@
 #   bash bench/gpu_check.sh --cpu-smoke OUT_DIR [DIR]   # every stage for 1-2 steps on the CPU
 #   GPU_CHECK_STAGES=fba bash bench/gpu_check.sh OUT_DIR DIR   # some stages, in this order
 #   GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh OUT_DIR DIR  # no stage starts after 300 s (default 460)
+#   AIRBENCH94=PATH GPU_CHECK_STAGES=fi bash bench/gpu_check.sh OUT_DIR DIR   # stage i: airbench94 beside stage f
 #
 # Run from anywhere; it uses the repository it lives in. It installs nothing
 # and needs no network: it runs the python3 on PATH (or $PYTHON) with what is
@@ -33,6 +34,10 @@ budget=()
 if [[ -n ${GPU_CHECK_BUDGET_S:-} ]]; then
     budget=(--budget-s "$GPU_CHECK_BUDGET_S")
 fi
+airbench=()
+if [[ -n ${AIRBENCH94:-} ]]; then
+    airbench=(--airbench94 "$(cd "$(dirname "$AIRBENCH94")" && pwd)/$(basename "$AIRBENCH94")") || exit 2
+fi
 data=()
 if [[ $# -eq 2 ]]; then
     data_dir=$(cd "$2" && pwd) || exit 2
@@ -56,7 +61,7 @@ fi
     else
         echo "nvidia-smi: not found"
     fi
-    "$python" bench/gpu_check.py "${smoke[@]}" "${budget[@]}" --stages "${GPU_CHECK_STAGES:-fcbade}" "$out" "${data[@]}"
+    "$python" bench/gpu_check.py "${smoke[@]}" "${budget[@]}" "${airbench[@]}" --stages "${GPU_CHECK_STAGES:-fcbade}" "$out" "${data[@]}"
 } 2>&1 | tee "$out/gpu_check.log"
 status=${PIPESTATUS[0]}
 echo "log: $out/gpu_check.log  figures: $out/gpu_check.json"
