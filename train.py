@@ -237,9 +237,11 @@ def remaining_batches(train_batches: Batches, training: Training, progress: Prog
     whitening bias's gradient switched on or off."""
     config, accelerator = training.config, training.accelerator
     unwrapped = accelerator.unwrap_model(training.model)
+    # DDP and fp16's gradient scaler see every gradient: for them the whitening bias keeps its own.
+    keep_bias_gradient = accelerator.num_processes > 1 or accelerator.scaler is not None
     for epoch in range(progress.epoch, config.epochs):
         training.sampler.set_epoch(epoch, progress.position)
-        set_whitening_bias_training(unwrapped, epoch, config, accelerator.num_processes)
+        set_whitening_bias_training(unwrapped, epoch, config, always=keep_bias_gradient)
         description = f"epoch {epoch + 1}/{config.epochs}"
         with tqdm(train_batches, desc=description, disable=not accelerator.is_main_process) as bar:
             yield from bar

@@ -5,14 +5,15 @@ same card and the same data. This project does not ship airbench94; bring the
 published uncompiled script (``airbench94.py`` of the cifar10-airbench
 repository) yourself, outside the repository's tracked files. This module:
 
-- writes an image folder's ``train/`` and ``test/`` splits as the two files
+- writes an image folder's ``train/`` and ``test/`` splits (decoded as
+  train.py decodes them, through its decoded-image cache) as the two files
   airbench94's loader reads instead of downloading CIFAR-10 (``cifar10/train.pt``
   and ``cifar10/test.pt`` under its working folder: a dict of ``images``, uint8
   of shape (N, 32, 32, 3), ``labels``, int64, and ``classes``, the class names);
 - runs the script there (it trains 25 runs in a row and prints a table row
   per epoch, then one ``eval`` row per run with its test-time-augmented
   accuracy and GPU seconds), stopped after ``--timeout-s``: the runs it
-  finished are its figures;
+  finished are its figures, and its output is printed;
 - reads the ``eval`` rows back: per run, ``tta_val_acc`` and
   ``total_time_seconds`` (CUDA events around the whitening initialisation,
   the training epochs and the final evaluation: the time issue 12 compares).
@@ -38,7 +39,7 @@ import benchlib
 import torch
 
 from cifar import data_cache
-from cifar.data import imagefolder
+from cifar.data import class_names, imagefolder
 
 DATA_FOLDER = "cifar10"  # where airbench94's loader looks, relative to its working folder
 
@@ -47,7 +48,7 @@ def write_airbench_data(data_dir: str, workdir: Path) -> dict[str, int]:
     """Write ``data_dir``'s splits as ``workdir/cifar10/{train,test}.pt``; returns the image counts.
     The images are decoded as train.py decodes them, through its decoded-image cache."""
     splits = imagefolder(data_dir, data_cache.cache_dir(data_cache.AUTO))
-    classes = sorted(path.name for path in (Path(data_dir) / "train").iterdir() if path.is_dir())
+    classes = class_names(Path(data_dir) / "train")
     folder = workdir / DATA_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -98,7 +99,8 @@ def run_script(script: Path, workdir: Path, timeout_s: float) -> tuple[str, bool
         )
     except subprocess.TimeoutExpired as stopped:
         output = stopped.stdout or b""
-        return (output.decode() if isinstance(output, bytes) else output), True
+        # The output of a process killed at its timeout comes as bytes, possibly cut inside a character.
+        return (output.decode(errors="replace") if isinstance(output, bytes) else output), True
     if result.returncode != 0:
         sys.exit(f"airbench94 failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result.stdout, False
@@ -107,7 +109,9 @@ def run_script(script: Path, workdir: Path, timeout_s: float) -> tuple[str, bool
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="an image folder with train/ and test/ (the CIFAR-10 JPEGs)")
-    parser.add_argument("--out", required=True, help="airbench94's working folder: its data, logs and output")
+    parser.add_argument(
+        "--out", required=True, help="airbench94's working folder: its data files (about 180 MB) and its logs/"
+    )
     parser.add_argument("--script", help="the published airbench94.py, brought by you")
     parser.add_argument("--timeout-s", type=float, default=75.0, help="stop the script after this many seconds")
     parser.add_argument("--data-only", action="store_true", help="write the data files and stop")
@@ -127,7 +131,7 @@ def main() -> None:
     figures: dict[str, Any] = {"images": counts}
     if not args.data_only:
         output, stopped = run_script(Path(args.script), workdir, args.timeout_s)
-        (workdir / "airbench94.out").write_text(output)
+        print(output, end="" if output.endswith("\n") else "\n")
         runs = parse_eval_rows(output)
         figures.update(runs=runs, stopped_at_timeout=stopped, **summary(runs))
         for index, run in enumerate(runs):

@@ -44,7 +44,8 @@ f. With a CIFAR-10 folder: the speedrun recipe (``configs/cifar10_speedrun.yaml`
    counted), which takes CUDA's start-up; the repeat runs alone in a process,
    cold. Then the repeat's weights against the first's (bitwise), the
    speedrun network's bare training step at batch 1024 in bf16 strict (as
-   stage c measures) and train.py's rate over epochs 2 on against it (target
+   stage c measures; its whitening bias without a gradient, as train.py runs
+   7 of its 10 epochs) and train.py's rate over epochs 2 on against it (target
    >= 0.9), and the same bare step with determinism off: what determinism
    costs this network without train.py, beside the end-to-end strict/off.
    Last, the bare step with and without the whitening bias's gradient
@@ -75,8 +76,9 @@ i. With a CIFAR-10 folder and ``--airbench94 PATH`` (the published
    test-time-augmented accuracy and GPU seconds); the mean accuracy and median
    seconds of its runs after the first (cold), and stage f's speedrun GPU
    seconds and mean accuracy against them, when stage f ran before it in the
-   same check. Not in the default set; about 90 s. On the CPU it writes
-   the data files only (airbench94 needs CUDA).
+   same check. Not in the default set; at most 75 s of airbench94 and the
+   writing of its data (not yet run on a GPU). On the CPU it writes the data
+   files only (airbench94 needs CUDA).
 
 ``--stages`` picks the stages and their order (default ``fcbade``: issue 12's
 targets first). ``--budget-s`` (default 460) is the check's time: no stage
@@ -101,6 +103,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -112,7 +115,7 @@ import benchlib
 import torch
 from torch import nn
 
-from cifar.models import MODELS, build_model
+from cifar.models import MODELS, SpeedrunNet, build_model
 from repro.determinism import configure_determinism
 from repro.weights import state_dict_sha256
 
@@ -349,6 +352,10 @@ def images_per_s(model_name: str, device: torch.device, batch_size: int, warmup:
     """Training images/s of one model in bf16 autocast and channels_last, timed after a warm-up."""
     torch.manual_seed(SEED)
     model = build_model(model_name, 10).to(device, memory_format=torch.channels_last)
+    if isinstance(model, SpeedrunNet):
+        # As train.py runs it after the bias's epochs (7 of 10, most of the epochs its rate is taken
+        # from): stage f's whitening-bias bench measures the step with the bias's gradient.
+        model.whiten.bias.requires_grad_(False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
     images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -559,10 +566,12 @@ def stage_i(report: Report, out: Path, data: Path, script: Path | None, smoke: b
     if not script.is_file():
         report.add("i", "airbench94", "FAIL", f"--airbench94 {script}: no such file")
         return
-    arguments = ["--data-dir", str(data), "--out", str(out / "airbench94"), "--script", str(script)]
-    if smoke:
-        arguments.append("--data-only")
-    figures = run_bench(report, "i", "airbench94", out, "airbench_baseline", arguments)
+    # airbench94's working folder holds 180 MB of data files: outside OUT, which a device session brings back.
+    with tempfile.TemporaryDirectory(prefix="airbench94-") as workdir:
+        arguments = ["--data-dir", str(data), "--out", workdir, "--script", str(script)]
+        if smoke:
+            arguments.append("--data-only")
+        figures = run_bench(report, "i", "airbench94", out, "airbench_baseline", arguments)
     if figures is None:
         return
     if smoke:
@@ -579,9 +588,10 @@ def stage_i(report: Report, out: Path, data: Path, script: Path | None, smoke: b
     if "f_median_gpu_s" in report.figures:
         ratio = report.figures["i_speedrun_over_airbench94_s"] = report.figures["f_median_gpu_s"] / seconds
         difference = report.figures["f_mean_accuracy"] - accuracy
-        report.add("i", "speedrun GPU time / airbench94's", "ok" if ratio <= 1.5 else "below target",
-                   f"{ratio:.2f} (target <= 1.5, goal 1.0); accuracy {difference * 100:+.2f} points "
-                   "(target >= -0.2)")  # fmt: skip
+        met = ratio <= 1.5 and difference >= -0.002
+        report.add("i", "speedrun against airbench94", "ok" if met else "below target",
+                   f"GPU time {ratio:.2f} of airbench94's (target <= 1.5, goal 1.0); accuracy "
+                   f"{difference * 100:+.2f} points (target >= -0.2)")  # fmt: skip
 
 
 FP32_RUN_MIN_S = 200  # stage e's full-precision run: 113 s of training on the H100 (issue 12), and 24 evaluations

@@ -36,7 +36,8 @@ if [[ -n ${GPU_CHECK_BUDGET_S:-} ]]; then
 fi
 airbench=()
 if [[ -n ${AIRBENCH94:-} ]]; then
-    airbench=(--airbench94 "$(cd "$(dirname "$AIRBENCH94")" && pwd)/$(basename "$AIRBENCH94")") || exit 2
+    airbench_dir=$(cd "$(dirname "$AIRBENCH94")" && pwd) || exit 2
+    airbench=(--airbench94 "$airbench_dir/$(basename "$AIRBENCH94")")
 fi
 data=()
 if [[ $# -eq 2 ]]; then

@@ -200,8 +200,9 @@ def _listing_of(folder: Path) -> list[Path]:
         raise DataError(f"cannot read {folder}: {error.strerror or error}") from None
 
 
-def _classes_in(split_dir: Path) -> list[str]:
-    """The sorted names of the sub-folders of ``split_dir``, hidden ones skipped."""
+def class_names(split_dir: Path) -> list[str]:
+    """An image folder split's classes: the sorted names of the sub-folders of ``split_dir``,
+    hidden ones skipped; label ``i`` is the ``i``-th."""
     return sorted(path.name for path in _listing_of(split_dir) if path.is_dir())
 
 
@@ -267,10 +268,10 @@ def imagefolder(data_dir: str, cache: Path | None = None) -> Splits:
             raise DataError(
                 f"image folder {root} has no {split_dir.name}/ folder (expected train/<class>/ and test/<class>/)"
             )
-    classes = _classes_in(train_dir)
+    classes = class_names(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class folders (expected {train_dir}/<class>/*.jpg)")
-    test_classes = _classes_in(test_dir)
+    test_classes = class_names(test_dir)
     if test_classes != classes:
         raise DataError(f"{test_dir} has classes {test_classes}, but {train_dir} has {classes}")
     train_files, test_files = _list_folder(train_dir, classes), _list_folder(test_dir, classes)

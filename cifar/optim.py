@@ -67,20 +67,23 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, used)
 
 
-def set_whitening_bias_training(model: nn.Module, epoch: int, config: TrainConfig, num_processes: int) -> None:
+def set_whitening_bias_training(model: nn.Module, epoch: int, config: TrainConfig, *, always: bool = False) -> None:
     """Let the speedrun model's whitening bias have a gradient only in its first
-    ``whiten_bias_epochs`` epochs; other models are left as they are.
+    ``whiten_bias_epochs`` epochs, or in every epoch with ``always``; other models
+    are left as they are.
 
     Call it at the start of every epoch, on the unwrapped model. After those epochs
     the schedule of :func:`build_optimizer` gives the bias a learning rate of 0, so
     its gradient moves nothing; not computing it spares three backward operations at
     full image size: the gradient of the second convolution's input, GELU's and the
-    bias's sum over every pixel (airbench94 switches it off too). The weights are the
-    same bit for bit either way. With more than one process the gradient stays on:
-    DistributedDataParallel waits for every parameter it was built with, and raises
-    when one gets no gradient.
+    bias's sum over every pixel (airbench94 switches it off too). The other
+    gradients, and so the weights, are the same either way. Two things do see the
+    bias's gradient, and need ``always``: DistributedDataParallel, which waits for a
+    gradient of every parameter it was built with and raises when one gets none; and
+    fp16's gradient scaler, which skips the step when any gradient overflows, the
+    bias's included.
     """
-    trains = epoch < config.whiten_bias_epochs or num_processes > 1
+    trains = always or epoch < config.whiten_bias_epochs
     for module in model.modules():
         if isinstance(module, SpeedrunNet):
             module.whiten.bias.requires_grad_(trains)

@@ -193,7 +193,7 @@ def train_speedrun_net(epochs: int, steps_per_epoch: int, *, switch_whitening_bi
     data = torch.Generator().manual_seed(1)
     for epoch in range(epochs):
         if switch_whitening_bias:
-            set_whitening_bias_training(model, epoch, config, num_processes=1)
+            set_whitening_bias_training(model, epoch, config)
         for _ in range(steps_per_epoch):
             images, labels = torch.randn(4, 3, 32, 32, generator=data), torch.randint(0, 10, (4,), generator=data)
             nn.functional.cross_entropy(model(images), labels, label_smoothing=0.2).backward()
@@ -221,7 +221,7 @@ def test_under_ddp_the_whitening_bias_keeps_its_gradient():
     try:
         wrapped = nn.parallel.DistributedDataParallel(model)
         for epoch in range(3):
-            set_whitening_bias_training(model, epoch, config, num_processes=2)
+            set_whitening_bias_training(model, epoch, config, always=True)
             wrapped(torch.randn(2, 3, 32, 32)).sum().backward()
         assert model.whiten.bias.requires_grad
     finally:
