@@ -51,6 +51,7 @@ from cifar.build import (
 from cifar.checkpoint import Progress, Training, resume, save_checkpoint
 from cifar.config import RESULT_NEUTRAL_KEYS, ConfigError, TrainConfig, UsageError, config_to_dict
 from cifar.data import DataError, load_splits_on_every_rank
+from cifar.loss import label_smoothed_cross_entropy
 from cifar.optim import set_whitening_bias_training
 from cifar.outputs import (
     MetricsLog,
@@ -186,7 +187,6 @@ def train(
     # accelerate's optimizer wrapper adds more host time per step than the SGD step it wraps
     # takes (BENCHMARKS.md, section 8); without a gradient scaler it only passes the calls on.
     optimizer = training.optimizer.optimizer if accelerator.scaler is None else training.optimizer
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     unwrapped, lookahead, step_log = accelerator.unwrap_model(model), training.lookahead, tracking.StepLog()
     now = time.perf_counter()
     clock = EpochClock(now, now, progress.position)
@@ -203,7 +203,7 @@ def train(
         tracer.record_start(unwrapped)
     stopped_by = None
     for images, labels in remaining_batches(train_batches, training, progress):
-        loss = training_step(model, images, labels, criterion, config, accelerator)
+        loss = training_step(model, images, labels, config, accelerator)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step applies, before the scheduler moves it
         optimizer.step()
         training.scheduler.step()
@@ -304,7 +304,6 @@ def training_step(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    criterion: nn.Module,
     config: TrainConfig,
     accelerator: Accelerator,
 ) -> torch.Tensor:
@@ -312,11 +311,13 @@ def training_step(
     gradients are all-reduced once, after the last chunk. Returns the mean loss."""
     images, labels = to_device(images, labels, config, accelerator)
     chunks = config.grad_accum_steps
+    # One chunk is the batch itself: no split dispatched at every step.
+    pieces = zip(images.chunk(chunks), labels.chunk(chunks), strict=True) if chunks > 1 else [(images, labels)]
     total = None  # the first chunk's loss itself: no zero tensor made and added to every step
-    for index, (image_chunk, label_chunk) in enumerate(zip(images.chunk(chunks), labels.chunk(chunks), strict=True)):
+    for index, (image_chunk, label_chunk) in enumerate(pieces):
         last = index == chunks - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            loss = criterion(model(image_chunk), label_chunk)
+            loss = label_smoothed_cross_entropy(model(image_chunk), label_chunk, config.label_smoothing)
         if chunks > 1:
             loss = loss / chunks
         if accelerator.scaler is None:

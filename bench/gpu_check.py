@@ -115,6 +115,7 @@ import benchlib
 import torch
 from torch import nn
 
+from cifar.loss import label_smoothed_cross_entropy
 from cifar.models import MODELS, SpeedrunNet, build_model
 from repro.determinism import configure_determinism
 from repro.weights import state_dict_sha256
@@ -168,13 +169,13 @@ def train_steps(
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = build_model(model_name, num_classes).to(device, memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     batch_size = 64 if device.type == "cuda" else 4  # small on the CPU: the smoke test checks the code only
     images = torch.randn(steps, batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, num_classes, (steps, batch_size), device=device)
     for step in range(steps):
         with autocast(device, precision):
-            loss = criterion(model(images[step].contiguous(memory_format=layout)), labels[step])
+            logits = model(images[step].contiguous(memory_format=layout))
+            loss = label_smoothed_cross_entropy(logits, labels[step], label_smoothing)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

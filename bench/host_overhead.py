@@ -65,6 +65,7 @@ from cifar.checkpoint import Progress, Training
 from cifar.config import TrainConfig, parse_config
 from cifar.data import ImageArray, Splits
 from cifar.device_data import augmentation_params
+from cifar.loss import label_smoothed_cross_entropy
 from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
 from repro.fingerprint import environment_fingerprint
@@ -121,7 +122,7 @@ def bare_loop(args: argparse.Namespace, config: TrainConfig, device: torch.devic
     made before the clock starts: what no loop can do with less host work. One figure an epoch."""
     model = trivial_model(config, device, args.side)
     optimizer, scheduler = build_optimizer(config, model, args.steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    criterion = functools.partial(label_smoothed_cross_entropy, smoothing=config.label_smoothing)
     images = torch.randn(args.steps * args.batch_size, 3, args.side, args.side, device=device)
     labels = torch.randint(0, NUM_CLASSES, (len(images),), device=device)
     batches = list(zip(images.split(args.batch_size), labels.split(args.batch_size), strict=True))

@@ -51,11 +51,11 @@ from typing import Any
 
 import benchlib
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import train
 from cifar.checkpoint import Progress, Training
+from cifar.loss import label_smoothed_cross_entropy
 from cifar.outputs import MetricsLog
 from repro.stop import GracefulStop
 
@@ -179,7 +179,7 @@ def profile_bare_steps(training: Training, train_batches: train.Batches) -> tupl
     own. Returns the trace and the timed pass's wall µs per step."""
     model = training.accelerator.unwrap_model(training.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.85, nesterov=True, weight_decay=5e-4)
-    criterion = nn.CrossEntropyLoss(label_smoothing=training.config.label_smoothing)
+    criterion = functools.partial(label_smoothed_cross_entropy, smoothing=training.config.label_smoothing)
     batches = list(train_batches)
     on_cuda = training.accelerator.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])

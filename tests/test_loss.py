@@ -1,0 +1,116 @@
+"""cifar.loss: the label-smoothed cross-entropy equals torch's, value and gradient, bit for
+bit, in fewer tensor operations; train.py's step uses it."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.nn import functional
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import train
+from cifar.config import parse_config
+from cifar.loss import label_smoothed_cross_entropy
+from cifar.models import SpeedrunNet
+
+
+def value_and_gradient(loss_function, logits: torch.Tensor, labels: torch.Tensor, smoothing: float):
+    leaf = logits.detach().clone().requires_grad_()
+    loss = loss_function(leaf, labels, smoothing)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def torch_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    return functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 0.2, 0.3])
+def test_value_and_gradient_equal_torchs_bit_for_bit(smoothing):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        # Batch sizes that are not powers of two, where a division by a reciprocal would round differently.
+        count = int(torch.randint(1, 1500, (), generator=generator))
+        classes = int(torch.randint(2, 110, (), generator=generator))
+        scale = float(torch.rand((), generator=generator)) * 40
+        logits = torch.randn(count, classes, generator=generator) * scale
+        labels = torch.randint(0, classes, (count,), generator=generator)
+        expected = value_and_gradient(torch_loss, logits, labels, smoothing)
+        got = value_and_gradient(label_smoothed_cross_entropy, logits, labels, smoothing)
+        assert torch.equal(got[0], expected[0]), (count, classes, scale)
+        assert torch.equal(got[1], expected[1]), (count, classes, scale)
+
+
+def test_a_network_trained_with_it_under_bf16_autocast_gets_torchs_gradients():
+    torch.manual_seed(0)
+    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    gradients = []
+    for loss_function in (torch_loss, label_smoothed_cross_entropy):
+        torch.manual_seed(1)
+        model = SpeedrunNet(10)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_function(model(images), labels, 0.2)
+        loss.backward()
+        gradients.append((loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (expected_loss, expected), (loss, got) = gradients
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected_loss)
+    assert len(got) == len(expected) > 0
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+class OperationCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(loss_function) -> collections.Counter[str]:
+    logits, labels = torch.randn(64, 10, requires_grad=True), torch.randint(0, 10, (64,))
+    with OperationCounter() as counter:
+        loss_function(logits, labels, 0.2).backward()
+    return counter.operations
+
+
+MASKING = ("aten.eq", "aten.bitwise_not", "aten.masked_fill_", "aten.masked_fill", "aten.neg")
+
+
+def test_it_dispatches_none_of_torchs_ignore_index_operations():
+    theirs, ours = operations(torch_loss), operations(label_smoothed_cross_entropy)
+    assert all(theirs[name] > 0 for name in MASKING)
+    assert not any(ours[name] for name in MASKING), ours
+    assert sum(theirs.values()) - sum(ours.values()) >= 6
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_train_py_steps_with_it_and_splits_only_a_batch_it_accumulates(chunks):
+    config = parse_config(["--label-smoothing", "0.2", "--grad-accum-steps", str(chunks)])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    images, labels = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    with OperationCounter() as counter:
+        loss = train.training_step(model, images, labels, config, Accelerator(cpu=True))
+    assert torch.equal(loss, torch_loss(model(images), labels, 0.2)) if chunks == 1 else loss.isfinite()
+    assert not any(counter.operations[name] for name in MASKING), counter.operations
+    assert counter.operations["aten.split"] == (0 if chunks == 1 else 2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "smoothing", "message"),
+    [
+        ((8, 10), 1.0, "smoothing must be in"),
+        ((8, 10), -0.1, "smoothing must be in"),
+        ((8, 10, 2), 0.2, "expected logits"),
+        ((7, 10), 0.2, "expected logits"),
+    ],
+)
+def test_bad_arguments_are_refused(shape, smoothing, message):
+    with pytest.raises(ValueError, match=message):
+        label_smoothed_cross_entropy(torch.randn(shape), torch.zeros(8, dtype=torch.long), smoothing)
