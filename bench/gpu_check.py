@@ -529,6 +529,8 @@ def timeline_summary(figures: dict[str, Any]) -> str:
     detail = f"{wall:.0f} µs a step, {wall / bare['wall_us_per_step']:.2f} x the bare loop's; waits inside: {waits}"
     unprofiled, bare_unprofiled = figures["unprofiled_us_per_step"], bare["unprofiled_us_per_step"]
     detail += f"; unprofiled {unprofiled:.0f} µs a step, {unprofiled / bare_unprofiled:.2f} x the bare loop's"
+    recipe = bare["recipe_unprofiled_us_per_step"]
+    detail += f", {unprofiled / recipe:.2f} x the bare loop with the recipe's optimizer and lookahead"
     if not figures["gpu_activity_recorded"]:
         return f"no GPU activity recorded; {detail}"
     detail += f"; the bare loop's GPU busy {bare['gpu_busy_fraction']:.1%}"

@@ -20,7 +20,10 @@ in meanwhile; and the host time of each part. Then the same network in a bare
 hand-written loop over the same batches, made beforehand, profiled the same
 way: the wall time and GPU busy time of a step with no host work but its own,
 and train.py's step against it; the bare loop is also timed unprofiled, after
-a warm-up pass, against train.py's unprofiled epoch. ``--trace`` keeps train.py's timeline
+a warm-up pass, against train.py's unprofiled epoch, and so is the bare loop
+with what the recipe adds to the step (its optimizer's parameter groups and
+schedule, the lookahead): train.py against it is the loop's cost, it against
+the bare loop the recipe's. ``--trace`` keeps train.py's timeline
 (gzipped Chrome trace JSON: chrome://tracing or https://ui.perfetto.dev).
 
 The profiler adds host time to each operation it records, in both loops: the
@@ -55,7 +58,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import train
 from cifar.checkpoint import Progress, Training
+from cifar.lookahead import Lookahead
 from cifar.loss import label_smoothed_cross_entropy
+from cifar.optim import build_optimizer
 from cifar.outputs import MetricsLog
 from repro.stop import GracefulStop
 
@@ -65,6 +70,7 @@ WAITING_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSyn
 STEP_PREFIX = "train.py step "
 NEXT_BATCH = "next batch"
 LONGEST_GAPS = 5
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def label(name: str, function: Callable) -> Callable:
@@ -171,16 +177,15 @@ def profile_steps(training: Training, train_batches: train.Batches, test_batches
     return exported(profiler)
 
 
-def profile_bare_steps(training: Training, train_batches: train.Batches) -> tuple[dict[str, Any], float]:
+def profile_bare_steps(training: Training, batches: list[Batch]) -> tuple[dict[str, Any], float]:
     """The same network in a bare hand-written loop over one epoch of the device pipeline's
-    batches, made beforehand: forward in the run's autocast, loss, backward, an SGD step,
+    ``batches``, made beforehand: forward in the run's autocast, loss, backward, an SGD step,
     ``zero_grad``. One pass warms up, the next is timed unprofiled, the last is profiled, its
     steps marked as train.py's are: the timeline of a loop with no host work but the step's
     own. Returns the trace and the timed pass's wall µs per step."""
     model = training.accelerator.unwrap_model(training.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.85, nesterov=True, weight_decay=5e-4)
     criterion = functools.partial(label_smoothed_cross_entropy, smoothing=training.config.label_smoothing)
-    batches = list(train_batches)
     on_cuda = training.accelerator.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
     synchronize = torch.cuda.synchronize if on_cuda else lambda: None
@@ -202,6 +207,34 @@ def profile_bare_steps(training: Training, train_batches: train.Batches) -> tupl
             timed_s = time.perf_counter() - started
     profiler.stop()
     return exported(profiler), timed_s * 1e6 / len(batches)
+
+
+def time_recipe_steps(training: Training, batches: list[Batch]) -> float:
+    """The bare loop with what the recipe adds to its step: the optimizer's parameter groups
+    and schedule (``build_optimizer``) and the lookahead. Between the bare loop and train.py's,
+    it tells the recipe's cost from the loop's. One pass warms up, the next is timed,
+    unprofiled; returns its wall µs per step."""
+    config = training.config
+    model = training.accelerator.unwrap_model(training.model)
+    optimizer, scheduler = build_optimizer(config, model, len(batches))
+    lookahead = Lookahead(model, config.lookahead_every, 2 * len(batches)) if config.lookahead_every else None
+    synchronize = torch.cuda.synchronize if training.accelerator.device.type == "cuda" else lambda: None
+    timed_s = 0.0
+    for _warm_up_then_timed in range(2):
+        synchronize()
+        started = time.perf_counter()
+        for step, (images, labels) in enumerate(batches, start=1):
+            with training.accelerator.autocast():
+                loss = label_smoothed_cross_entropy(model(images), labels, config.label_smoothing)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if lookahead is not None:
+                lookahead.after_step(step)
+        synchronize()
+        timed_s = time.perf_counter() - started
+    return timed_s * 1e6 / len(batches)
 
 
 def exported(profiler: profile) -> dict[str, Any]:
@@ -316,9 +349,13 @@ def report(figures: dict[str, Any], bare: dict[str, Any]) -> None:
         print(f", GPU busy {bare['gpu_busy_us_per_step']:.0f} µs ({bare['gpu_busy_fraction']:.1%})", end="")
     print(f"; train.py's step / the bare step, wall: {figures['wall_us_per_step'] / bare['wall_us_per_step']:.2f}")
     unprofiled, bare_unprofiled = figures["unprofiled_us_per_step"], bare["unprofiled_us_per_step"]
+    recipe = bare["recipe_unprofiled_us_per_step"]
     print(
         f"unprofiled: train.py's second epoch {unprofiled:.0f} µs a step (its train_s, the epoch's start included), "
-        f"the bare loop {bare_unprofiled:.0f}; train.py / bare: {unprofiled / bare_unprofiled:.2f}"
+        f"the bare loop {bare_unprofiled:.0f}; train.py / bare: {unprofiled / bare_unprofiled:.2f}\n"
+        f"the bare loop with the recipe's parameter groups, schedule and lookahead {recipe:.0f} µs a step: "
+        f"train.py / it {unprofiled / recipe:.2f} (the loop's cost), it / the bare loop "
+        f"{recipe / bare_unprofiled:.2f} (the recipe's)"
     )
 
 
@@ -345,7 +382,9 @@ def main() -> None:
         training, train_batches, test_batches = benchlib.train_py_objects(arguments, Path(scratch) / "run")
         trace = profile_steps(training, train_batches, test_batches)
         unprofiled = json.loads((training.run_dir / "metrics.jsonl").read_text().splitlines()[1])
-        bare_trace, bare_unprofiled_us = profile_bare_steps(training, train_batches)
+        batches = list(train_batches)
+        bare_trace, bare_unprofiled_us = profile_bare_steps(training, batches)
+        recipe_unprofiled_us = time_recipe_steps(training, batches)
     config, device = training.config, training.accelerator.device
     print(
         f"# {args.config}, model {config.model}, batch {config.batch_size}, {len(training.sampler)} steps an epoch, "
@@ -357,6 +396,7 @@ def main() -> None:
     figures, bare = analyse(trace, parts), analyse(bare_trace, [])
     figures["unprofiled_us_per_step"] = unprofiled["train_s"] * 1e6 / len(training.sampler)
     bare["unprofiled_us_per_step"] = bare_unprofiled_us
+    bare["recipe_unprofiled_us_per_step"] = recipe_unprofiled_us
     report(figures, bare)
     if args.trace:
         with gzip.open(args.trace, "wt") as file:

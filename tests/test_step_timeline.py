@@ -68,8 +68,9 @@ def test_the_gpu_checks_summary_leads_with_the_busy_share_and_names_the_waits_an
     figures = step_timeline.analyse(TRACE, ["next batch"])
     figures["unprofiled_us_per_step"] = 60.0
     figures["bare"] = {**figures, "wall_us_per_step": 70.0, "gpu_busy_fraction": 0.9, "unprofiled_us_per_step": 48.0}
+    figures["bare"]["recipe_unprofiled_us_per_step"] = 50.0
     line = gpu_check.timeline_summary(figures)
     assert line.startswith("69.0% (72 µs a step); 105 µs a step, 1.50 x the bare loop's;"), line
-    assert "unprofiled 60 µs a step, 1.25 x the bare loop's" in line
+    assert "unprofiled 60 µs a step, 1.25 x the bare loop's, 1.20 x the bare loop with the recipe's" in line
     assert "waits inside: {'cudaStreamSynchronize': 1}" in line and "the bare loop's GPU busy 90.0%" in line
     assert line.endswith("longest idle 50 µs (host in next batch 50)"), line
