@@ -28,7 +28,9 @@ group: give them :class:`IgnoreStopSignals` as their ``worker_init_fn``.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
@@ -45,15 +47,25 @@ _CPU_BACKENDS = ("gloo", "mpi")
 
 
 class IgnoreStopSignals:
-    """A DataLoader ``worker_init_fn`` that ignores the stop signals in each worker, then runs
-    the ``worker_init_fn`` it wraps (a :class:`repro.loader.WorkerSeeder`).
+    """A DataLoader ``worker_init_fn`` with which each worker ignores the stop signals that
+    others send it, and ends at one from its training process; then it runs the
+    ``worker_init_fn`` it wraps (a :class:`repro.loader.WorkerSeeder`).
 
-    When: pass it as ``worker_init_fn=`` to every DataLoader with workers in a loop that
-    stops with :class:`GracefulStop`. Why: a scheduler or a terminal signals the whole
-    process group, workers included. torch's workers die of SIGTERM (and a worker dies of
-    any other stop signal by default), and the main process then raises "DataLoader worker
-    is killed by signal" mid-step, before it can checkpoint. Ignoring them, the workers go
-    on serving batches until the main process stops after its step and shuts them down.
+    When: create it in the training process and pass it as ``worker_init_fn=`` to every
+    DataLoader with workers in a loop that stops with :class:`GracefulStop`. Why: a scheduler
+    or a terminal signals the whole process group, workers included. torch's workers die of
+    SIGTERM (and a worker dies of any other stop signal by default), and the main process
+    then raises "DataLoader worker is killed by signal" mid-step, before it can checkpoint.
+    Ignoring those, the workers go on serving batches until the main process stops after its
+    step and shuts them down. But the training process itself ends workers with SIGTERM:
+    torch when one does not leave at its shutdown request, and Python's multiprocessing at
+    interpreter exit, for the workers of a DataLoader still alive then (held, say, by a
+    traceback that a library keeps), after which it waits for them. A worker that ignored
+    that signal too would make the exit wait forever. So a thread of the worker takes the
+    signals (``signal.sigwaitinfo``) and tells them apart by their sender.
+
+    Where ``signal.sigwaitinfo`` does not exist (macOS, Windows) the worker ignores the
+    signals from any sender, as before: there the exit can still hang in that case.
 
     Args:
         init: the ``worker_init_fn`` to run after, or None.
@@ -63,12 +75,27 @@ class IgnoreStopSignals:
     def __init__(self, init: Callable[[int], None] | None = None, signals: Sequence[int] = JOB_STOP_SIGNALS) -> None:
         self.init = init
         self.signals = tuple(signal.Signals(number) for number in signals)
+        # Not the worker's parent: under the forkserver start method that is another process.
+        self.training_pid = os.getpid()
 
     def __call__(self, worker_id: int) -> None:
-        for number in self.signals:
-            signal.signal(number, signal.SIG_IGN)
+        if hasattr(signal, "sigwaitinfo"):
+            # Blocked here, in the worker's main thread, before the thread starts: it inherits
+            # the mask, and a blocked signal waits for sigwaitinfo instead of its handler.
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            threading.Thread(target=self._take_signals, name="repro-stop-signals", daemon=True).start()
+        else:
+            for number in self.signals:
+                signal.signal(number, signal.SIG_IGN)
         if self.init is not None:
             self.init(worker_id)
+
+    def _take_signals(self) -> None:
+        while True:
+            if signal.sigwaitinfo(self.signals).si_pid == self.training_pid:
+                # Status 0: torch's SIGCHLD handler in the training process reports any other
+                # end of a worker whose DataLoader is alive as a failure.
+                os._exit(0)
 
 
 class GracefulStop:

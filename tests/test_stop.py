@@ -1,4 +1,5 @@
-"""GracefulStop (repro.stop): real signals to this process, handlers put back after the block.
+"""GracefulStop (repro.stop): real signals to this process, handlers put back after the block;
+IgnoreStopSignals: real signals to DataLoader workers, and an exit that does not wait on them.
 
 The two-process agreement (a SIGTERM to rank 1 only stops both ranks at one
 step) is tested end to end in test_distributed_runs.py, and train.py's stop,
@@ -11,11 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, clean_env
 
-from repro import GracefulStop
+from repro import GracefulStop, IgnoreStopSignals
 
 
 def own_handler(number: int, frame: object) -> None:
@@ -87,3 +91,82 @@ def test_a_group_of_the_callers_own_carries_the_agreement():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["None", "SIGTERM", "gloo"]
+
+
+class WorkerPids(torch.utils.data.Dataset):
+    """Each item is the pid of the worker that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return os.getpid()
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def wait_until(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the sender of a signal is known only with sigwaitinfo")
+def test_a_worker_ignores_stop_signals_from_others_and_ends_at_its_training_processes():
+    loader = torch.utils.data.DataLoader(
+        WorkerPids(), batch_size=2, num_workers=1, persistent_workers=True, worker_init_fn=IgnoreStopSignals()
+    )
+    worker = int(next(iter(loader))[0])
+    # A scheduler's or a terminal's signal comes from another process: the worker serves on.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        subprocess.run(["kill", f"-{stop_signal.name[3:]}", str(worker)], check=True)
+    time.sleep(1)
+    assert is_running(worker)
+    assert [int(pid) for batch in loader for pid in batch] == [worker] * 4
+    # torch's (and multiprocessing's) SIGTERM from the training process ends it.
+    os.kill(worker, signal.SIGTERM)
+    assert wait_until(lambda: not is_running(worker)), "the worker outlived its training process's SIGTERM"
+    del loader
+
+
+KEEPS_ITS_LOADER_TO_THE_END = """
+import torch
+from repro import IgnoreStopSignals
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return index
+
+LOADER = torch.utils.data.DataLoader(
+    Items(), batch_size=2, num_workers=2, persistent_workers=True, worker_init_fn=IgnoreStopSignals()
+)
+print(sum(int(batch.sum()) for batch in LOADER), flush=True)
+"""
+
+
+def test_workers_that_ignore_stop_signals_let_a_process_exit_that_still_holds_their_loader():
+    # At exit multiprocessing ends the live workers with SIGTERM, then waits for them: a worker that
+    # ignored that signal too kept train.py from exiting once a library held a traceback through main().
+    result = subprocess.run(
+        [sys.executable, "-c", KEEPS_ITS_LOADER_TO_THE_END],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "6" and "exited unexpectedly" not in result.stderr
