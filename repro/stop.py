@@ -28,9 +28,11 @@ group: give them :class:`IgnoreStopSignals` as their ``worker_init_fn``.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import multiprocessing
 import os
 import signal
-import threading
 from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
@@ -47,55 +49,51 @@ _CPU_BACKENDS = ("gloo", "mpi")
 
 
 class IgnoreStopSignals:
-    """A DataLoader ``worker_init_fn`` with which each worker ignores the stop signals that
-    others send it, and ends at one from its training process; then it runs the
-    ``worker_init_fn`` it wraps (a :class:`repro.loader.WorkerSeeder`).
+    """A DataLoader ``worker_init_fn`` with which each worker ignores the stop signals until
+    its training process exits, then runs the ``worker_init_fn`` it wraps (a
+    :class:`repro.loader.WorkerSeeder`).
 
     When: create it in the training process and pass it as ``worker_init_fn=`` to every
     DataLoader with workers in a loop that stops with :class:`GracefulStop`. Why: a scheduler
     or a terminal signals the whole process group, workers included. torch's workers die of
     SIGTERM (and a worker dies of any other stop signal by default), and the main process
     then raises "DataLoader worker is killed by signal" mid-step, before it can checkpoint.
-    Ignoring those, the workers go on serving batches until the main process stops after its
-    step and shuts them down. But the training process itself ends workers with SIGTERM:
-    torch when one does not leave at its shutdown request, and Python's multiprocessing at
-    interpreter exit, for the workers of a DataLoader still alive then (held, say, by a
-    traceback that a library keeps), after which it waits for them. A worker that ignored
-    that signal too would make the exit wait forever. So a thread of the worker takes the
-    signals (``signal.sigwaitinfo``) and tells them apart by their sender.
+    Ignoring them, the workers go on serving batches until the main process stops after its
+    step and shuts them down.
 
-    Where ``signal.sigwaitinfo`` does not exist (macOS, Windows) the worker ignores the
-    signals from any sender, as before: there the exit can still hang in that case.
-
-    Args:
-        init: the ``worker_init_fn`` to run after, or None.
-        signals: the signals to ignore: those the loop's :class:`GracefulStop` catches.
+    What it sets: in the training process, a flag in shared memory and an exit handler
+    (``atexit``) that raises it; in each worker, a handler for ``signals`` that ignores them
+    while the flag is down and ends the worker (status 0) once it is up. Why the flag: at
+    interpreter exit Python's multiprocessing ends the workers of a DataLoader still alive
+    (held, say, by a traceback that a library keeps) with SIGTERM, then waits for them; a
+    worker that ignored that signal too would make the exit wait forever. The handler is
+    the process's, not a thread's: a signal reaches it whichever thread of the worker the
+    kernel hands it to (a spawned worker has its libraries' threads before this runs).
     """
 
     def __init__(self, init: Callable[[int], None] | None = None, signals: Sequence[int] = JOB_STOP_SIGNALS) -> None:
         self.init = init
         self.signals = tuple(signal.Signals(number) for number in signals)
-        # Not the worker's parent: under the forkserver start method that is another process.
-        self.training_pid = os.getpid()
+        # Shared memory without a lock: a worker of any start method can read it.
+        self.training_exits = multiprocessing.RawValue(ctypes.c_bool, False)
+        # Registered after multiprocessing's own exit handler, so it runs before that one.
+        atexit.register(_raise_flag, self.training_exits)
 
     def __call__(self, worker_id: int) -> None:
-        if hasattr(signal, "sigwaitinfo"):
-            # Blocked here, in the worker's main thread, before the thread starts: it inherits
-            # the mask, and a blocked signal waits for sigwaitinfo instead of its handler.
-            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-            threading.Thread(target=self._take_signals, name="repro-stop-signals", daemon=True).start()
-        else:
-            for number in self.signals:
-                signal.signal(number, signal.SIG_IGN)
+        for number in self.signals:
+            signal.signal(number, self._on_stop_signal)
         if self.init is not None:
             self.init(worker_id)
 
-    def _take_signals(self) -> None:
-        while True:
-            if signal.sigwaitinfo(self.signals).si_pid == self.training_pid:
-                # Status 0: torch's SIGCHLD handler in the training process reports any other
-                # end of a worker whose DataLoader is alive as a failure.
-                os._exit(0)
+    def _on_stop_signal(self, number: int, frame: FrameType | None) -> None:
+        if self.training_exits.value:
+            # Status 0: torch's SIGCHLD handler in the training process reports any other
+            # end of a worker whose DataLoader is alive as a failure.
+            os._exit(0)
+
+
+def _raise_flag(flag: Any) -> None:
+    flag.value = True
 
 
 class GracefulStop:
