@@ -134,7 +134,7 @@ def parse_args() -> argparse.Namespace:
         "--foreach",
         action="store_true",
         help="both loops' SGD in its foreach implementation, as torch runs it on CUDA (the CPU's steps one "
-        "parameter at a time): the count of operations a GPU launches",
+        "parameter at a time): about the count of kernels a GPU launches",
     )
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()

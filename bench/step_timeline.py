@@ -49,6 +49,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,9 @@ def time_recipe_steps(training: Training, batches: list[Batch]) -> float:
     unprofiled; returns its wall µs per step."""
     config = training.config
     model = training.accelerator.unwrap_model(training.model)
-    optimizer, scheduler = build_optimizer(config, model, len(batches))
+    # The bare loop's small rate: the network keeps training, and must not diverge into
+    # values whose arithmetic is slower (NaNs, denormals) and would skew the time.
+    optimizer, scheduler = build_optimizer(replace(config, lr=1e-4), model, len(batches))
     lookahead = Lookahead(model, config.lookahead_every, 2 * len(batches)) if config.lookahead_every else None
     synchronize = torch.cuda.synchronize if training.accelerator.device.type == "cuda" else lambda: None
     timed_s = 0.0

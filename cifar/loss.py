@@ -12,7 +12,7 @@ kernel the host launches; train.py's step is about 200 of them.
 without the mask, and with the sign of ``smooth`` carried by its constant factor
 (negation is exact in floating point: ``-(a + b) == (-a) + (-b)`` and
 ``-a * b == a * -b`` bit for bit): the same loss and the same gradient, bit for
-bit, in seven kernels fewer, forward and backward (``tests/test_loss.py``
+bit, in six kernels fewer, forward and backward (``tests/test_loss.py``
 compares both with torch's).
 """
 
@@ -37,13 +37,14 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smo
         raise ValueError(f"expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if smoothing == 0:
         return functional.cross_entropy(logits, labels)
-    if torch.is_autocast_enabled(logits.device.type):
-        # Autocast runs torch's cross-entropy in float32, but not, on the CPU, a log-softmax.
+    if torch.is_autocast_enabled(logits.device.type) and logits.dtype != torch.float64:
+        # Autocast runs torch's cross-entropy in float32 (float64 it leaves), but not, on the
+        # CPU, a log-softmax.
         logits = logits.float()
     log_probs = functional.log_softmax(logits, 1)
     nll = functional.nll_loss(log_probs, labels)
     # torch divides by the count of unignored labels, a tensor on the device; a Python
     # number would let CUDA multiply by its reciprocal instead, which rounds differently.
-    count = labels.new_full((), len(labels))
+    count = labels.new_full((), len(labels), dtype=torch.int64)
     smooth = log_probs.sum(1).sum() / count * -(smoothing / logits.shape[1])
     return (1 - smoothing) * nll + smooth

@@ -45,14 +45,15 @@ def test_value_and_gradient_equal_torchs_bit_for_bit(smoothing):
         assert torch.equal(got[1], expected[1]), (count, classes, scale)
 
 
-def test_a_network_trained_with_it_under_bf16_autocast_gets_torchs_gradients():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_network_trained_with_it_under_autocast_gets_torchs_gradients(dtype):
     torch.manual_seed(0)
     images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
     gradients = []
     for loss_function in (torch_loss, label_smoothed_cross_entropy):
         torch.manual_seed(1)
         model = SpeedrunNet(10)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             loss = loss_function(model(images), labels, 0.2)
         loss.backward()
         gradients.append((loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
@@ -77,6 +78,15 @@ def operations(loss_function) -> collections.Counter[str]:
     with OperationCounter() as counter:
         loss_function(logits, labels, 0.2).backward()
     return counter.operations
+
+
+def test_byte_labels_and_float64_logits_under_autocast_as_torch_takes_them():
+    logits, labels = torch.randn(300, 10, dtype=torch.float64), torch.randint(0, 10, (300,), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = value_and_gradient(torch_loss, logits, labels, 0.2)
+        got = value_and_gradient(label_smoothed_cross_entropy, logits, labels, 0.2)
+    assert got[0].dtype == torch.float64
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 MASKING = ("aten.eq", "aten.bitwise_not", "aten.masked_fill_", "aten.masked_fill", "aten.neg")
