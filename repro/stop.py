@@ -69,6 +69,10 @@ class IgnoreStopSignals:
     worker that ignored that signal too would make the exit wait forever. The handler is
     the process's, not a thread's: a signal reaches it whichever thread of the worker the
     kernel hands it to (a spawned worker has its libraries' threads before this runs).
+
+    Args:
+        init: the ``worker_init_fn`` to run after, or None.
+        signals: the signals to ignore: those the loop's :class:`GracefulStop` catches.
     """
 
     def __init__(self, init: Callable[[int], None] | None = None, signals: Sequence[int] = JOB_STOP_SIGNALS) -> None:
