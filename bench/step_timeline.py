@@ -178,66 +178,72 @@ def profile_steps(training: Training, train_batches: train.Batches, test_batches
     return exported(profiler)
 
 
-def profile_bare_steps(training: Training, batches: list[Batch]) -> tuple[dict[str, Any], float]:
-    """The same network in a bare hand-written loop over one epoch of the device pipeline's
-    ``batches``, made beforehand: forward in the run's autocast, loss, backward, an SGD step,
-    ``zero_grad``. One pass warms up, the next is timed unprofiled, the last is profiled, its
-    steps marked as train.py's are: the timeline of a loop with no host work but the step's
-    own. Returns the trace and the timed pass's wall µs per step."""
+def bare_step(training: Training, steps: int, *, recipe: bool) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+    """One step of a bare hand-written loop over the network train.py trained: forward in the
+    run's autocast, loss, backward, an SGD step, ``zero_grad``; with ``recipe``, what the recipe
+    adds to it: the optimizer's parameter groups and schedule (``build_optimizer``) and the
+    lookahead. Call it with the step's number (from 1) and batch, ``steps`` steps a pass.
+
+    Both learn at a small rate: the network keeps training, and must not diverge into values
+    whose arithmetic is slower (NaNs, denormals) and would skew the time."""
+    config = training.config
     model = training.accelerator.unwrap_model(training.model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.85, nesterov=True, weight_decay=5e-4)
-    criterion = functools.partial(label_smoothed_cross_entropy, smoothing=training.config.label_smoothing)
+    scheduler, lookahead = None, None
+    if recipe:
+        optimizer, scheduler = build_optimizer(replace(config, lr=1e-4), model, steps)
+        if config.lookahead_every:
+            lookahead = Lookahead(model, config.lookahead_every, 2 * steps)  # its final update is not timed
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.85, nesterov=True, weight_decay=5e-4)
+
+    def step(number: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with training.accelerator.autocast():
+            loss = label_smoothed_cross_entropy(model(images), labels, config.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if lookahead is not None:
+            lookahead.after_step(number)
+
+    return step
+
+
+def timed_pass(training: Training, batches: list[Batch], step: Callable, *, profiled: bool = False) -> float:
+    """Wall µs per step of one pass of ``step`` over ``batches``, the device synchronised around
+    it; ``profiled`` marks each step as train.py's are marked."""
+    synchronize = torch.cuda.synchronize if training.accelerator.device.type == "cuda" else lambda: None
+    synchronize()
+    started = time.perf_counter()
+    for number, (images, labels) in enumerate(batches, start=1):
+        with record_function(f"{STEP_PREFIX}{number}") if profiled else contextlib.nullcontext():
+            step(number, images, labels)
+    synchronize()
+    return (time.perf_counter() - started) * 1e6 / len(batches)
+
+
+def profile_bare_steps(training: Training, batches: list[Batch]) -> tuple[dict[str, Any], float]:
+    """The bare loop (:func:`bare_step`) over one epoch of the device pipeline's ``batches``,
+    made beforehand. One pass warms up, the next is timed unprofiled, the last is profiled:
+    the timeline of a loop with no host work but the step's own. Returns the trace and the
+    timed pass's wall µs per step."""
+    step = bare_step(training, len(batches), recipe=False)
+    timed_pass(training, batches, step)
+    unprofiled_us = timed_pass(training, batches, step)
     on_cuda = training.accelerator.device.type == "cuda"
-    profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
-    synchronize = torch.cuda.synchronize if on_cuda else lambda: None
-    timed_s = 0.0
-    for run in ("warm-up", "timed", "profiled"):
-        synchronize()
-        started = time.perf_counter()
-        if run == "profiled":
-            profiler.start()
-        for number, (images, labels) in enumerate(batches, start=1):
-            with record_function(f"{STEP_PREFIX}{number}") if run == "profiled" else contextlib.nullcontext():
-                with training.accelerator.autocast():
-                    loss = criterion(model(images), labels)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        synchronize()
-        if run == "timed":
-            timed_s = time.perf_counter() - started
-    profiler.stop()
-    return exported(profiler), timed_s * 1e6 / len(batches)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]) as profiler:
+        timed_pass(training, batches, step, profiled=True)
+    return exported(profiler), unprofiled_us
 
 
 def time_recipe_steps(training: Training, batches: list[Batch]) -> float:
-    """The bare loop with what the recipe adds to its step: the optimizer's parameter groups
-    and schedule (``build_optimizer``) and the lookahead. Between the bare loop and train.py's,
-    it tells the recipe's cost from the loop's. One pass warms up, the next is timed,
-    unprofiled; returns its wall µs per step."""
-    config = training.config
-    model = training.accelerator.unwrap_model(training.model)
-    # The bare loop's small rate: the network keeps training, and must not diverge into
-    # values whose arithmetic is slower (NaNs, denormals) and would skew the time.
-    optimizer, scheduler = build_optimizer(replace(config, lr=1e-4), model, len(batches))
-    lookahead = Lookahead(model, config.lookahead_every, 2 * len(batches)) if config.lookahead_every else None
-    synchronize = torch.cuda.synchronize if training.accelerator.device.type == "cuda" else lambda: None
-    timed_s = 0.0
-    for _warm_up_then_timed in range(2):
-        synchronize()
-        started = time.perf_counter()
-        for step, (images, labels) in enumerate(batches, start=1):
-            with training.accelerator.autocast():
-                loss = label_smoothed_cross_entropy(model(images), labels, config.label_smoothing)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if lookahead is not None:
-                lookahead.after_step(step)
-        synchronize()
-        timed_s = time.perf_counter() - started
-    return timed_s * 1e6 / len(batches)
+    """The bare loop with the recipe's additions (:func:`bare_step`): between the bare loop and
+    train.py's, it tells the recipe's cost from the loop's. One pass warms up, the next is
+    timed, unprofiled; returns its wall µs per step."""
+    step = bare_step(training, len(batches), recipe=True)
+    timed_pass(training, batches, step)
+    return timed_pass(training, batches, step)
 
 
 def exported(profiler: profile) -> dict[str, Any]:

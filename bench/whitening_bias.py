@@ -23,9 +23,9 @@ from statistics import median
 
 import benchlib
 import torch
-from torch import nn
 
 from cifar.config import TrainConfig, parse_config
+from cifar.loss import label_smoothed_cross_entropy
 from cifar.models import SpeedrunNet
 from cifar.optim import build_optimizer
 
@@ -51,7 +51,7 @@ def step_seconds(
                 torch.cuda.synchronize(device)
             started = clock()
         with autocast:
-            loss = nn.functional.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+            loss = label_smoothed_cross_entropy(model(images), labels, config.label_smoothing)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
