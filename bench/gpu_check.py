@@ -68,7 +68,8 @@ h. Host time per step of train.py's own loop on this machine
    what is left is the host's), each part of the step, the same for a bare
    hand-written loop, and a cProfile of one epoch in the log
    (``host_overhead.log``): where the host time that keeps train.py below the
-   bare step goes. Not in the default set; about a minute.
+   bare step goes; and the host time of train.py's optimizer step against
+   torch's SGD (bench/optimizer_step.py). Not in the default set; about a minute.
 i. With a CIFAR-10 folder and ``--airbench94 PATH`` (the published
    airbench94.py, which this project does not ship): airbench94 side by side
    on the same card and data (bench/airbench_baseline.py writes the folder as
@@ -558,6 +559,15 @@ def stage_h(report: Report, out: Path, smoke: bool) -> None:
     largest = ", ".join(f"{name} {value:.0f}" for name, value in sorted(parts.items(), key=lambda item: -item[1])[:4])
     detail = f"{whole:.0f} µs (target <= 1000), {whole / bare:.2f} x a bare loop's {bare:.0f}; {largest}"
     report.add("h", "host time per step", "measured", detail)
+    smoke_arguments = ["--steps", "5", "--repeats", "1"] if smoke else []
+    figures = run_bench(report, "h", "optimizer step", out, "optimizer_step", smoke_arguments)
+    if figures is None:
+        return
+    step_us = {kind: median(values) for kind, values in figures["us_per_step"].items()}
+    report.figures["h_optimizer_step_us"] = step_us
+    ours = step_us.pop("NesterovSGD")
+    others = ", ".join(f"{kind} {value:.0f} ({value / ours:.2f} x)" for kind, value in step_us.items())
+    report.add("h", "optimizer step", "measured", f"speedrun groups: NesterovSGD {ours:.0f} µs; {others}")
 
 
 def stage_i(report: Report, out: Path, data: Path, script: Path | None, smoke: bool) -> None:

@@ -15,8 +15,10 @@ first three) and in one after (the other seven), where that bias has no
 gradient.
 
 Small synthetic images at a small batch: the count does not depend on the
-batch size or on the device's speed (on CUDA, torch's SGD runs its foreach
-implementation, on the CPU one parameter at a time, in both loops alike).
+batch size or on the device's speed. Both optimizers run foreach operations, as
+torch's SGD does on CUDA: train.py's (cifar/sgd.py) on every device, the bare
+step's torch SGD told to (on the CPU it would take one parameter at a time), so
+that the counts are about the kernels a GPU launches.
 
     python bench/step_operations.py
     python bench/step_operations.py --config configs/cifar10_fast.yaml
@@ -105,11 +107,11 @@ def train_py_operations(
     return second, third
 
 
-def bare_operations(training: Training, train_batches: train.Batches, foreach: bool) -> dict:
+def bare_operations(training: Training, train_batches: train.Batches) -> dict:
     """Operations of one bare step of the same network, as train.py left it (after one uncounted step)."""
     model = training.accelerator.unwrap_model(training.model)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=0.01, momentum=0.85, nesterov=True, weight_decay=5e-4, foreach=foreach or None
+        model.parameters(), lr=0.01, momentum=0.85, nesterov=True, weight_decay=5e-4, foreach=True
     )
     criterion = nn.CrossEntropyLoss()
     images, labels = next(iter(train_batches))
@@ -130,12 +132,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is counted")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch; the count does not depend on it")
     parser.add_argument("--steps", type=int, default=10, help="steps per epoch")
-    parser.add_argument(
-        "--foreach",
-        action="store_true",
-        help="both loops' SGD in its foreach implementation, as torch runs it on CUDA (the CPU's steps one "
-        "parameter at a time): about the count of kernels a GPU launches",
-    )
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 
@@ -148,14 +144,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ops-") as scratch:
         training, train_batches, test_batches = build(args, Path(scratch) / "run")
         configure_determinism(training.config.determinism)
-        if args.foreach:
-            for group in training.optimizer.param_groups:
-                group["foreach"] = True
         loop, later = train_py_operations(training, train_batches, test_batches)
-        bare = bare_operations(training, train_batches, args.foreach)
+        bare = bare_operations(training, train_batches)
     device = training.accelerator.device.type
-    sgd = "foreach SGD, as on CUDA" if args.foreach else f"SGD as torch runs it on {device}"
-    print(f"# {args.config}, model {training.config.model}, on {device}, batch {args.batch_size}, {sgd}")
+    print(f"# {args.config}, model {training.config.model}, on {device}, batch {args.batch_size}")
     names = sorted({*loop, *later, *bare}, key=lambda name: -(loop.get(name, 0) - bare.get(name, 0)))
     rows = [[name, *(f"{counts.get(name, 0):.1f}" for counts in (loop, later, bare))] for name in names]
     rows = [row for row in rows if len(set(row[1:])) > 1]
