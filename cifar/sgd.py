@@ -1,11 +1,11 @@
 """SGD with Nesterov momentum: torch's arithmetic, bit for bit, in less host time per step.
 
 torch's ``SGD.step`` updates one parameter group at a time, and for each group
-spends more host time in Python (collecting its tensors, grouping them by
-device and dtype, checking options no run of this pipeline uses) than in the
-update itself: on the host of an H200 machine its step took about 400 µs for
-a one-layer model (BENCHMARKS.md, section 11). On a GPU that time is the
-GPU's to wait for when the host falls behind.
+spends host time in Python beside the update (collecting its tensors, grouping
+them by device and dtype, checking options no run of this pipeline uses): on
+the host of an H200 machine its step took about 400 µs for a one-layer model
+(BENCHMARKS.md, section 11). On a GPU that time is the GPU's to wait for when
+the host falls behind.
 
 :class:`NesterovSGD` runs the same operations on the same values:
 
@@ -70,7 +70,7 @@ class NesterovSGD(torch.optim.SGD):
             raise ValueError(f"NesterovSGD runs only groups with {', '.join(refused)}; use torch.optim.SGD")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Update every parameter that has a gradient; one without (frozen this step) keeps its
         value and its momentum buffer. The gradients are left changed (torch's SGD on CUDA
         changes them too): clear them with :meth:`zero_grad` before the next backward."""
