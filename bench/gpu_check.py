@@ -68,8 +68,9 @@ h. Host time per step of train.py's own loop on this machine
    what is left is the host's), each part of the step, the same for a bare
    hand-written loop, and a cProfile of one epoch in the log
    (``host_overhead.log``): where the host time that keeps train.py below the
-   bare step goes; and the host time of train.py's optimizer step against
-   torch's SGD (bench/optimizer_step.py). Not in the default set; about a minute.
+   bare step goes; and train.py's optimizer step against torch's SGD
+   (bench/optimizer_step.py): the same bits on this device (the check fails
+   otherwise), and its host time. Not in the default set; about a minute.
 i. With a CIFAR-10 folder and ``--airbench94 PATH`` (the published
    airbench94.py, which this project does not ship): airbench94 side by side
    on the same card and data (bench/airbench_baseline.py writes the folder as
@@ -567,7 +568,8 @@ def stage_h(report: Report, out: Path, smoke: bool) -> None:
     report.figures["h_optimizer_step_us"] = step_us
     ours = step_us.pop("NesterovSGD")
     others = ", ".join(f"{kind} {value:.0f} ({value / ours:.2f} x)" for kind, value in step_us.items())
-    report.add("h", "optimizer step", "measured", f"speedrun groups: NesterovSGD {ours:.0f} µs; {others}")
+    detail = f"the same bits as torch's SGD; speedrun groups: NesterovSGD {ours:.0f} µs; {others}"
+    report.add("h", "optimizer step", "measured", detail)
 
 
 def stage_i(report: Report, out: Path, data: Path, script: Path | None, smoke: bool) -> None:

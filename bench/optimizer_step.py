@@ -12,6 +12,14 @@ foreach operations (its choice on CUDA). The three alternate, ``--repeats``
 times, each timing ``--steps`` steps with this thread's CPU time; the figure
 is the median of the per-repetition ratios (bench/benchlib.py).
 
+Before timing, it checks that ``NesterovSGD`` gives torch's bits on this
+device: a few steps of the full-size model's parameters (channels_last on
+CUDA, as train.py lays them out there) with torch's SGD as it runs here by
+default, and the same with ``NesterovSGD``; parameters and momentum buffers
+must be equal bit for bit, or the bench exits with status 1. On the CPU
+``tests/test_sgd.py`` checks this; on CUDA only this does (stage h of the GPU
+check runs it).
+
     python bench/optimizer_step.py
     python bench/optimizer_step.py --model resnet9 --repeats 21
 """
@@ -19,6 +27,7 @@ is the median of the per-repetition ratios (bench/benchlib.py).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from statistics import median
@@ -46,6 +55,36 @@ def stand_in_groups(model_name: str, device: torch.device) -> tuple[list[dict], 
         params = [torch.randn(shape, device=device, requires_grad=True) for shape in shapes]
         groups.append({"params": params, "lr": group["lr"], "weight_decay": group["weight_decay"]})
     return groups, config.lr, config.momentum
+
+
+def same_bits_as_torch(model_name: str, device: torch.device, steps: int = 5) -> bool:
+    """Whether ``steps`` steps of ``NesterovSGD`` and of torch's default SGD, on ``model_name``'s
+    parameters and groups on ``device`` with the same random gradients, end in the same bits."""
+    config = parse_config(["--config", str(benchlib.SPEEDRUN_CONFIG), "--dataset", "synthetic"])
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    finals = []
+    for kind in ("torch SGD, default", "NesterovSGD"):
+        torch.manual_seed(0)
+        model = build_model(model_name, 10).to(device, memory_format=layout)
+        optimizer, scheduler = build_optimizer(config, model, steps_per_epoch=steps)
+        if kind != "NesterovSGD":
+            optimizer = torch.optim.SGD(optimizer.param_groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas)
+        params = [param for param in model.parameters() if param.requires_grad]
+        generator = torch.Generator(device).manual_seed(1)
+        for _ in range(steps):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator, device=device).to(
+                    memory_format=torch.channels_last if param.ndim == 4 else torch.contiguous_format
+                )
+            optimizer.step()
+            scheduler.step()
+        finals.append([*params, *(optimizer.state[param]["momentum_buffer"] for param in params)])
+    return all(
+        a.stride() == b.stride()
+        and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+        for a, b in zip(*finals, strict=True)
+    )
 
 
 def build(kind: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
@@ -94,6 +133,10 @@ def main() -> None:
     info = benchlib.environment()
     benchlib.print_environment(info)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    same_bits = same_bits_as_torch(args.model, device)
+    print(
+        f"# {args.model}'s parameters on {device}: NesterovSGD gives torch's SGD's bits: {'yes' if same_bits else 'NO'}"
+    )
     groups, lr, momentum = stand_in_groups(args.model, device)
     kinds = ("torch SGD, per tensor", "torch SGD, foreach", "NesterovSGD")
     timers = {kind: timer(build(kind, groups, lr, momentum), args.steps) for kind in kinds}
@@ -110,7 +153,11 @@ def main() -> None:
         for kind, values in figures.items()
     ]
     benchlib.print_table(["optimizer", "µs per step (median)", "/ NesterovSGD (median of ratios)"], rows)
-    benchlib.write_json(args.json, {"environment": info, "settings": vars(args), "us_per_step": figures})
+    benchlib.write_json(
+        args.json, {"environment": info, "settings": vars(args), "same_bits": same_bits, "us_per_step": figures}
+    )
+    if not same_bits:
+        sys.exit(f"NesterovSGD's parameters or buffers differ from torch's SGD's on {device}")
 
 
 if __name__ == "__main__":

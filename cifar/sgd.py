@@ -36,9 +36,12 @@ class NesterovSGD(torch.optim.SGD):
     with dense gradients, in fewer host calls per step.
 
     Parameter groups may set their own ``lr``, ``weight_decay`` and ``momentum``
-    (positive). The options of torch's SGD that this step does not run (dampening,
-    no Nesterov, ``maximize``, ``foreach``, ``fused``, ``differentiable``, a tensor
-    ``lr``) raise a ``ValueError`` when the group is added.
+    (positive). What this step does not run as torch's does raises a ``ValueError``
+    when a group is added or loaded (:meth:`load_state_dict`): the options dampening,
+    no Nesterov, ``maximize``, ``foreach``, ``fused`` and ``differentiable``, a tensor
+    ``lr``, a parameter twice, and parameters other than float32 and float64 (on the
+    CPU torch's SGD multiplies a bfloat16 or float16 buffer by the momentum in float32,
+    a foreach operation by the momentum rounded to the buffer's precision).
     """
 
     def __init__(
@@ -51,23 +54,26 @@ class NesterovSGD(torch.optim.SGD):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's, refusing the options :meth:`step` does not run."""
+        """torch's, refusing what :meth:`step` does not run as torch's SGD does."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        runs = {
-            "momentum > 0": group["momentum"] > 0,
-            "dampening == 0": group["dampening"] == 0,
-            "nesterov": group["nesterov"],
-            "not maximize": not group["maximize"],
-            "foreach unset": group["foreach"] is None,
-            "not fused": not group["fused"],
-            "not differentiable": not group["differentiable"],
-            "a float lr": not isinstance(group["lr"], torch.Tensor),
-        }
-        refused = [name for name, holds in runs.items() if not holds]
+        refused = _refused_settings(group)
+        params = group["params"]
+        if len({id(param) for param in params}) < len(params):
+            refused.append("each parameter once")
+        if any(param.dtype not in (torch.float32, torch.float64) for param in params):
+            refused.append("float32 or float64 parameters")
         if refused:
             self.param_groups.pop()
             raise ValueError(f"NesterovSGD runs only groups with {', '.join(refused)}; use torch.optim.SGD")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, refusing a group whose settings :meth:`step` does not run (before loading anything)."""
+        for group in state_dict["param_groups"]:
+            refused = _refused_settings(group)
+            if refused:
+                raise ValueError(f"NesterovSGD cannot load a group without {', '.join(refused)}; use torch.optim.SGD")
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -124,3 +130,18 @@ class NesterovSGD(torch.optim.SGD):
         for group in self.param_groups:
             for param in group["params"]:
                 param.grad = None
+
+
+def _refused_settings(group: dict[str, Any]) -> list[str]:
+    """What ``group``'s settings need and do not have, for :class:`NesterovSGD` to step it as torch's SGD does."""
+    needs = {
+        "momentum > 0": group.get("momentum", 0) > 0,
+        "dampening == 0": group.get("dampening", 0) == 0,
+        "nesterov": group.get("nesterov", False),
+        "not maximize": not group.get("maximize", False),
+        "foreach unset": group.get("foreach") is None,
+        "not fused": not group.get("fused"),
+        "not differentiable": not group.get("differentiable", False),
+        "a float lr": not isinstance(group.get("lr"), torch.Tensor),
+    }
+    return [name for name, holds in needs.items() if not holds]

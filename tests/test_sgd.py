@@ -20,13 +20,14 @@ STEPS = 6
 
 def parameters() -> list[nn.Parameter]:
     """Parameters of the kinds a run has: conv weights in channels_last, a linear weight,
-    biases, a float64 one (a mixed list), and sizes that are not multiples of a vector."""
+    biases, sizes that are not multiples of a vector, and two in float64 (one in a group
+    of float32 ones: a list of mixed dtypes)."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(8, 3, 3, 3), (16, 8, 3, 3), (10, 37), (37,), (8,), (1,), (5, 7)]
     tensors = [torch.randn(shape, generator=generator) for shape in shapes]
     tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
     tensors[1] = tensors[1].contiguous(memory_format=torch.channels_last)
-    tensors[6] = tensors[6].double()
+    tensors[4], tensors[6] = tensors[4].double(), tensors[6].double()
     return [nn.Parameter(tensor) for tensor in tensors]
 
 
@@ -54,16 +55,16 @@ def gradient(param: nn.Parameter, step: int, index: int) -> torch.Tensor | None:
 
 
 def train(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], steps: range) -> None:
+    """Steps with :func:`gradient`'s gradients, left as the last step leaves them."""
     for step in steps:
         for index, param in enumerate(params):
             param.grad = gradient(param, step, index)
         optimizer.step()
-        optimizer.zero_grad()
         for group in optimizer.param_groups:
             group["lr"] *= 0.7  # a schedule's move, as LambdaLR makes it
 
 
-def torch_sgd(params: list[nn.Parameter], foreach: bool) -> torch.optim.SGD:
+def torch_sgd(params: list[nn.Parameter], foreach: bool | None) -> torch.optim.SGD:
     return torch.optim.SGD(groups(params), lr=0.3, momentum=0.9, nesterov=True, foreach=foreach)
 
 
@@ -78,13 +79,18 @@ def buffers(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> lis
     return [optimizer.state[param]["momentum_buffer"] for param in params]
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["torch-per-tensor", "torch-foreach"])
+@pytest.mark.parametrize("foreach", [None, True], ids=["torch-default", "torch-foreach"])
 def test_steps_equal_torchs_sgd_bit_for_bit(foreach):
+    # torch's default on the CPU steps one parameter at a time; foreach is its default on CUDA.
     ours, theirs = parameters(), parameters()
-    train(NesterovSGD(groups(ours), lr=0.3, momentum=0.9), ours, range(STEPS))
+    optimizer = NesterovSGD(groups(ours), lr=0.3, momentum=0.9)
+    train(optimizer, ours, range(STEPS))
     reference = torch_sgd(theirs, foreach)
     train(reference, theirs, range(STEPS))
     assert_same_bits(ours, theirs)
+    assert_same_bits(buffers(optimizer, ours), buffers(reference, theirs))  # their layouts too
+    if foreach:  # it leaves the gradients as torch's foreach step does (the per-tensor one leaves them alone)
+        assert_same_bits([param.grad for param in ours], [param.grad for param in theirs])
     moved = parameters()
     assert all(not torch.equal(a, b) for a, b in zip(ours, moved, strict=True))
 
@@ -92,7 +98,7 @@ def test_steps_equal_torchs_sgd_bit_for_bit(foreach):
 def test_its_state_and_torchs_load_into_each_other():
     # A checkpoint written before this optimizer (torch's SGD) resumes into it, and back.
     ours, theirs = parameters(), parameters()
-    first, reference = NesterovSGD(groups(ours), lr=0.3, momentum=0.9), torch_sgd(theirs, foreach=False)
+    first, reference = NesterovSGD(groups(ours), lr=0.3, momentum=0.9), torch_sgd(theirs, foreach=None)
     train(reference, theirs, range(3))
     with torch.no_grad():
         for mine, its in zip(ours, theirs, strict=True):
@@ -132,10 +138,35 @@ def foreach_calls(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) 
 def test_the_groups_momentum_runs_in_one_call_per_momentum():
     # Per group: the weight decay (three of the four decay) and the update; the buffers' two
     # operations and the Nesterov direction once for the three groups of momentum 0.9 and once
-    # for the fourth. torch runs the five per group.
+    # for the fourth. torch runs the five per group, and per dtype within one: twice for the
+    # group that holds a float32 and a float64 parameter.
     ours, theirs = parameters(), parameters()
     assert foreach_calls(NesterovSGD(groups(ours), lr=0.3, momentum=0.9), ours) == 3 + 4 + 2 * 3
-    assert foreach_calls(torch_sgd(theirs, foreach=True), theirs) == 3 + 4 * 4
+    assert foreach_calls(torch_sgd(theirs, foreach=True), theirs) == 3 + 4 * 4 + 5
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+def test_what_it_does_not_run_as_torch_does_is_refused_when_added():
+    params = parameters()
+    optimizer = NesterovSGD(params[:1], lr=0.3, momentum=0.9)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.ones(3, dtype=torch.bfloat16))]})
+    with pytest.raises(ValueError, match="each parameter once"):
+        optimizer.add_param_group({"params": [params[1], params[1]]})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_a_checkpoint_it_would_not_step_as_torch_does_is_refused_before_loading():
+    params = parameters()
+    optimizer = NesterovSGD(groups(params), lr=0.3, momentum=0.9)
+    train(optimizer, params, range(2))
+    saved = optimizer.state_dict()
+    for setting, value in (("maximize", True), ("dampening", 0.5), ("nesterov", False), ("fused", True)):
+        changed = copy.deepcopy(saved)
+        changed["param_groups"][1][setting] = value
+        with pytest.raises(ValueError, match="cannot load a group"):
+            optimizer.load_state_dict(changed)
+        assert optimizer.param_groups[1][setting] == saved["param_groups"][1][setting]
 
 
 def test_zero_grad_drops_or_zeroes_the_gradients():
