@@ -15,12 +15,13 @@ the host falls behind.
   groups share their momentum;
 - the update, ``param - lr * direction``, per group.
 
-Each is torch's foreach operation, as torch's SGD calls it on CUDA; on a CPU a
-foreach operation runs torch's per-tensor one for each tensor, which torch's
-SGD calls there. An element's result depends only on its own parameter,
-gradient and buffer, so taking all groups' tensors in one call changes no bit
-(``tests/test_sgd.py`` checks it against ``torch.optim.SGD`` on the CPU). Its
-state is torch's: checkpoints of either load into the other.
+Each is torch's foreach operation, as torch's SGD calls it on CUDA; on a CPU,
+for float32 and float64 tensors, a foreach operation gives the bits of the
+per-tensor one torch's SGD calls there. An element's result depends only on
+its own parameter, gradient and buffer, so taking all groups' tensors in one
+call changes no bit (``tests/test_sgd.py`` checks it against
+``torch.optim.SGD`` on the CPU, ``bench/optimizer_step.py`` on its device).
+Its state is torch's: checkpoints of either load into the other.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class NesterovSGD(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Update every parameter that has a gradient; one without (frozen this step) keeps its
-        value and its momentum buffer. The gradients are left changed (torch's SGD on CUDA
-        changes them too): clear them with :meth:`zero_grad` before the next backward."""
+        value and its momentum buffer. In a group without weight decay the gradients are left
+        holding the Nesterov directions, as torch's foreach step (CUDA's) leaves them: clear
+        them with :meth:`zero_grad` before the next backward."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
