@@ -74,9 +74,9 @@ def same_bits_as_torch(model_name: str, device: torch.device, steps: int = 5) ->
         generator = torch.Generator(device).manual_seed(1)
         for _ in range(steps):
             for param in params:
-                param.grad = torch.randn(param.shape, generator=generator, device=device).to(
-                    memory_format=torch.channels_last if param.ndim == 4 else torch.contiguous_format
-                )
+                # Laid out as the parameter, as autograd lays out a gradient.
+                gradient = torch.randn(param.shape, generator=generator, device=device)
+                param.grad = gradient.to(memory_format=layout) if param.ndim == 4 else gradient
             optimizer.step()
             scheduler.step()
         finals.append([*params, *(optimizer.state[param]["momentum_buffer"] for param in params)])
