@@ -222,14 +222,17 @@ def loop(args: argparse.Namespace, run_dir: Path) -> tuple[list[dict[str, float]
     return per_step, [record["train_s"] / args.steps * 1e6 for record in records], training
 
 
-def seeds_alone(args: argparse.Namespace, padding: int, calls: int = 20) -> float:
-    """µs per step of the per-sample seeds and augmentation parameters (NumPy, derived for a
-    whole epoch at once, as the device pipeline does), timed alone."""
+def seeds_alone(args: argparse.Namespace, config: TrainConfig, calls: int = 20) -> float:
+    """µs per step of the per-sample seeds and the augmentation parameters the recipe uses
+    (NumPy, derived for a whole epoch at once, as the device pipeline does), timed alone."""
     seeds = SeedPlan(0)
     indices = np.arange(args.steps * args.batch_size, dtype=np.int64)
+    flip, cutout = config.flip == "random", config.cutout > 0
 
     def derive() -> None:
-        augmentation_params(seeds.aug_array(0, indices), args.side, args.side, padding)
+        augmentation_params(
+            seeds.aug_array(0, indices), args.side, args.side, config.crop_padding, flip=flip, cutout=cutout
+        )
 
     derive()
     start = time.thread_time()
@@ -289,7 +292,7 @@ def main() -> None:
         if args.profile:
             profile(args, Path(scratch), args.profile)
     bare = bare_loop(args, training.config, training.accelerator.device, training.accelerator.mixed_precision)
-    seeds = seeds_alone(args, training.config.crop_padding)
+    seeds = seeds_alone(args, training.config)
     for epoch in epochs:
         epoch[REST] = epoch[WHOLE_STEP] - sum(epoch.get(name, 0.0) for name in (NEXT_BATCH, TRAINING_STEP, *OPTIMIZER))
 

@@ -24,7 +24,7 @@ from cifar.device_data import (
     normalize,
 )
 from repro.loader import GlobalBatchSampler
-from repro.seeds import SeedPlan
+from repro.seeds import SeedPlan, mix64
 
 DEVICE = ["--data-pipeline", "device"]  # TINY's default too: said here, where it is the subject
 CPU = torch.device("cpu")
@@ -48,6 +48,24 @@ def test_params_stay_in_range_and_depend_only_on_the_sample_seed():
     assert params.min(axis=0).tolist() == [0, 0, 0, 0, 0]
     assert params.max(axis=0).tolist() == [8, 8, 1, 31, 29]  # every value of each range occurs
     np.testing.assert_array_equal(augmentation_params(seeds[::-1], 32, 30, 4), params[::-1])
+
+
+def test_column_k_is_word_k_of_the_seed_modulo_its_range():
+    seeds = SeedPlan(3).aug_array(2, np.arange(50))
+    params = augmentation_params(seeds, 32, 30, 4)
+    ranges = (9, 9, 2, 32, 30)
+    expected = [[mix64(int(seed), k) % ranges[k] for k in range(5)] for seed in seeds]
+    assert params.tolist() == expected
+
+
+@pytest.mark.parametrize(("flip", "cutout"), [(False, True), (True, False), (False, False)])
+def test_words_not_asked_for_are_zero_and_the_others_unchanged(flip, cutout):
+    seeds = SeedPlan(7).aug_array(0, np.arange(1000))
+    every = augmentation_params(seeds, 32, 30, 4)
+    some = augmentation_params(seeds, 32, 30, 4, flip=flip, cutout=cutout)
+    derived = [0, 1, *([2] if flip else []), *([3, 4] if cutout else [])]
+    np.testing.assert_array_equal(some[:, derived], every[:, derived])
+    assert not np.delete(some, derived, axis=1).any()
 
 
 def test_each_image_is_cropped_flipped_normalised_and_cut_out_as_its_params_say(splits):
@@ -99,6 +117,23 @@ def test_batches_augmented_ahead_are_each_batch_as_augmented_alone(splits, augme
         assert images.is_contiguous(memory_format=CHANNELS_LAST)  # the model's layout: no copy in the step
         assert torch.equal(images, alone)
         assert torch.equal(labels, alone_labels)
+
+
+@pytest.mark.parametrize("flip", ["random", "alternating"])
+def test_each_sample_is_augmented_as_its_seed_says(splits, flip):
+    seeds = SeedPlan(2333)
+    batches = train_batches(splits, seeds, cutout=8, flip=flip)
+    batches.sampler.set_epoch(1)
+    indices = next(batches.sampler.index_batches())
+    params = augmentation_params(seeds.aug_array(1, indices), 32, 32, CROP_PADDING)
+    if flip == "alternating":  # epoch 0's flip from the sample's seed, the other way in epoch 1
+        params[:, 2] = 1 - augmentation_params(seeds.aug_array(0, indices), 32, 32, CROP_PADDING)[:, 2]
+    assert {0, 1} <= set(params[:, 2].tolist())
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (splits.mean, splits.std))
+    expected = augment_batch(splits.train.images[indices], torch.from_numpy(params), mean, std, CROP_PADDING, 8)
+    images, labels = next(iter(batches))
+    assert torch.equal(images, expected)
+    assert torch.equal(labels, splits.train.labels[indices])
 
 
 class OperationCounter(TorchDispatchMode):
