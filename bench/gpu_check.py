@@ -70,7 +70,10 @@ h. Host time per step of train.py's own loop on this machine
    (``host_overhead.log``): where the host time that keeps train.py below the
    bare step goes; and train.py's optimizer step against torch's SGD
    (bench/optimizer_step.py): the same bits on this device (the check fails
-   otherwise), and its host time. Not in the default set; about a minute.
+   otherwise), and its host time; and the host time of a bf16 forward without
+   accelerate's forward wrapper, which train.py removes, against one with it
+   (bench/forward_wrapper.py; the same bits, or the check fails). Not in the
+   default set; about a minute.
 i. With a CIFAR-10 folder and ``--airbench94 PATH`` (the published
    airbench94.py, which this project does not ship): airbench94 side by side
    on the same card and data (bench/airbench_baseline.py writes the folder as
@@ -543,6 +546,9 @@ def timeline_summary(figures: dict[str, Any]) -> str:
     return f"{figures['gpu_busy_fraction']:.1%} ({figures['gpu_busy_us_per_step']:.0f} µs a step); {detail}"
 
 
+WRAPPED = "accelerate's wrapper"  # bench/forward_wrapper.py's name for the model accelerate prepared
+
+
 def stage_h(report: Report, out: Path, smoke: bool) -> None:
     """train.py's host time per step (bench/host_overhead.py), its parts, and a cProfile in the log."""
     arguments = ["--profile", "40"]
@@ -562,14 +568,25 @@ def stage_h(report: Report, out: Path, smoke: bool) -> None:
     report.add("h", "host time per step", "measured", detail)
     smoke_arguments = ["--steps", "5", "--repeats", "1"] if smoke else []
     figures = run_bench(report, "h", "optimizer step", out, "optimizer_step", smoke_arguments)
-    if figures is None:
-        return
-    step_us = {kind: median(values) for kind, values in figures["us_per_step"].items()}
-    report.figures["h_optimizer_step_us"] = step_us
-    ours = step_us.pop("NesterovSGD")
-    others = ", ".join(f"{kind} {value:.0f} ({value / ours:.2f} x)" for kind, value in step_us.items())
-    detail = f"the same bits as torch's SGD; speedrun groups: NesterovSGD {ours:.0f} µs; {others}"
-    report.add("h", "optimizer step", "measured", detail)
+    if figures is not None:
+        step_us = {kind: median(values) for kind, values in figures["us_per_step"].items()}
+        report.figures["h_optimizer_step_us"] = step_us
+        ours = step_us.pop("NesterovSGD")
+        others = ", ".join(f"{kind} {value:.0f} ({value / ours:.2f} x)" for kind, value in step_us.items())
+        detail = f"the same bits as torch's SGD; speedrun groups: NesterovSGD {ours:.0f} µs; {others}"
+        report.add("h", "optimizer step", "measured", detail)
+    figures = run_bench(report, "h", "forward wrapper", out, "forward_wrapper", smoke_arguments or ["--steps", "200"])
+    if figures is not None:
+        parts = {
+            part: {name: median(values) for name, values in ways.items()}
+            for part, ways in figures["us_per_step"].items()
+        }
+        report.figures["h_forward_wrapper_us"] = parts
+        detail = "; ".join(
+            f"{part}: {ways['prepare_model']:.0f} µs, accelerate's wrapper {ways[WRAPPED]:.0f}"
+            for part, ways in parts.items()
+        )
+        report.add("h", "forward without accelerate's wrapper", "measured", f"the same bits; {detail}")
 
 
 def stage_i(report: Report, out: Path, data: Path, script: Path | None, smoke: bool) -> None:

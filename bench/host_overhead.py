@@ -97,6 +97,7 @@ def build(args: argparse.Namespace, run_dir: Path) -> tuple[Training, train.Batc
             *("--config", args.config, "--dataset", "synthetic", "--data-pipeline", "device"),
             *("--batch-size", str(args.batch_size), "--epochs", str(args.repeats)),
             *("--determinism", args.determinism, "--output-dir", str(run_dir)),
+            *(("--mixed-precision", args.mixed_precision) if args.mixed_precision else ()),
         ]
     )
     run_dir.mkdir(parents=True)
@@ -272,6 +273,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"])
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "bf16", "fp16"],
+        help="the config's by default (auto: bf16 on CUDA, fp32 on the CPU); bf16 on the CPU runs accelerate's "
+        "mixed-precision wrappers as on a GPU",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also cProfile one epoch, top N")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
@@ -285,7 +292,7 @@ def main() -> None:
     print(
         f"# {args.config}'s loop, batch {args.batch_size}, {args.steps} steps an epoch, {args.side}x{args.side} "
         f"images, a one-layer model, the device pipeline on {device}, --determinism {args.determinism}, "
-        f"{args.threads} torch threads"
+        f"{args.threads} torch threads, --mixed-precision {args.mixed_precision or 'of the config'}"
     )
     with tempfile.TemporaryDirectory(prefix="bench-host-") as scratch:
         epochs, wall, training = loop(args, Path(scratch) / "loop")

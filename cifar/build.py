@@ -260,7 +260,7 @@ def prepare_training(
     has one: the objects the loop steps and a checkpoint saves. Call it after building the
     model and the loaders; ``environment`` is the fingerprint taken as the run started."""
     optimizer, scheduler = build_optimizer(config, model, len(sampler))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_model(accelerator, model, optimizer)
     lookahead = None
     if config.lookahead_every:
         total_steps = config.epochs * len(sampler)
@@ -268,6 +268,24 @@ def prepare_training(
     return Training(
         config, run_dir, accelerator, model, optimizer, scheduler, sampler, splits.fingerprint(), environment, lookahead
     )
+
+
+def prepare_model(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """accelerate's ``prepare`` of the model and its optimizer, without the wrapper it puts
+    around the model's forward in mixed precision.
+
+    That wrapper runs the forward in an autocast of its own and casts the outputs to
+    float32. train.py runs the model under autocast already (``training_step``,
+    ``evaluate``), and its loss and test-time augmentation cast the logits to float32:
+    the wrapper changes no value, and it costs host time at every forward, which on a
+    GPU leaves the device waiting (BENCHMARKS.md, section 8). Call the returned model
+    inside ``accelerator.autocast()``, as train.py does. A compiled model keeps the wrapper.
+    """
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # removes the wrapper in place
+    return model, optimizer
 
 
 def memory_format(config: TrainConfig, accelerator: Accelerator) -> torch.memory_format:

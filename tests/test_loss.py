@@ -4,10 +4,14 @@ bit, in fewer tensor operations; train.py's step uses it."""
 from __future__ import annotations
 
 import collections
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import REPO, clean_env
 from torch import nn
 from torch.nn import functional
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,6 +114,47 @@ def test_train_py_steps_with_it_and_splits_only_a_batch_it_accumulates(chunks):
     assert torch.equal(loss, torch_loss(model(images), labels, 0.2)) if chunks == 1 else loss.isfinite()
     assert not any(counter.operations[name] for name in MASKING), counter.operations
     assert counter.operations["aten.split"] == (0 if chunks == 1 else 2)
+
+
+# In a process of its own: accelerate keeps one mixed precision per process.
+MIXED_PRECISION_STEP = """
+import copy, json, torch
+from accelerate import Accelerator
+import train
+from cifar.build import prepare_model
+from cifar.config import parse_config
+from cifar.models import SmallCNN
+
+accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+config = parse_config(["--label-smoothing", "0.2", "--mixed-precision", "bf16"])
+torch.manual_seed(0)
+ours = SmallCNN(width=4)
+theirs = accelerator.prepare(copy.deepcopy(ours))  # accelerate's forward wrapper on
+ours, _ = prepare_model(accelerator, ours, torch.optim.SGD(ours.parameters(), lr=0.1))
+images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+same, wrapped = [], []
+for step in range(2):
+    losses = [train.training_step(model, images, labels, config, accelerator) for model in (ours, theirs)]
+    same.append(torch.equal(*losses))
+    for mine, other in zip(ours.parameters(), theirs.parameters(), strict=True):
+        same.append(torch.equal(mine.grad, other.grad))
+        mine.grad = other.grad = None
+evaluations = [train.evaluate(model, [(images, labels)], config, accelerator, 2) for model in (ours, theirs)]
+print(json.dumps({
+    "same": all(same) and evaluations[0] == evaluations[1],
+    "ours_wrapped": ours.forward.__func__ is not type(ours).forward,
+    "theirs_wrapped": getattr(theirs.forward, "__func__", None) is not type(theirs).forward,
+}))
+"""
+
+
+def test_mixed_precision_steps_without_accelerates_forward_wrapper_to_the_same_bits():
+    result = subprocess.run(
+        [sys.executable, "-c", MIXED_PRECISION_STEP], cwd=REPO, env=clean_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome == {"same": True, "ours_wrapped": False, "theirs_wrapped": True}
 
 
 @pytest.mark.parametrize(

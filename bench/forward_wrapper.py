@@ -1,0 +1,135 @@
+"""Host time of a mixed-precision forward: with accelerate's forward wrapper and without it.
+
+In mixed precision ``accelerator.prepare`` wraps the model's forward in an
+autocast of its own and a cast of the outputs to float32. train.py's
+``prepare_model`` (cifar/build.py) removes that wrapper, since its step and
+evaluation run the model under ``accelerator.autocast()`` already and cast
+the logits to float32 themselves. This times the forward, the label-smoothed
+loss and the backward of a one-layer model on 3x3 images (compute
+negligible: the figure is the host's Python, dispatch and, on CUDA, kernel
+launches), in bf16 autocast, both ways, alternating ``--repeats`` times, each
+timing ``--steps`` steps with this thread's CPU time; the figure is the median
+of the per-repetition ratios (bench/benchlib.py). The forward alone is timed
+the same way. Before timing it checks that
+both ways give the same loss and gradients, bit for bit, or exits with status 1
+(``tests/test_loss.py`` checks train.py's step and evaluation on the CPU).
+
+    python bench/forward_wrapper.py
+    python bench/forward_wrapper.py --batch-size 1024 --repeats 21
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Callable
+from statistics import median
+
+import benchlib
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from cifar.build import prepare_model
+from cifar.loss import label_smoothed_cross_entropy
+
+SIDE = 3
+SMOOTHING = 0.2  # the speedrun recipe's
+
+
+def step(model: nn.Module, accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """train.py's forward, loss and backward for one chunk."""
+    with accelerator.autocast():
+        loss = label_smoothed_cross_entropy(model(images), labels, SMOOTHING)
+    loss.backward()
+    return loss.detach()
+
+
+def timer(
+    model: nn.Module, accelerator: Accelerator, batch_size: int, steps: int, backward: bool
+) -> Callable[[], float]:
+    """A function that runs ``steps`` forwards (each in its own ``accelerator.autocast()``, as
+    train.py's step runs one), with the loss and backward if ``backward``, and returns µs of
+    this thread's CPU time per step."""
+    device = accelerator.device
+    images = torch.randn(batch_size, 3, SIDE, SIDE, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+
+    def forward() -> None:
+        with torch.no_grad(), accelerator.autocast():
+            model(images)
+
+    def run() -> float:
+        start = time.thread_time()
+        for _ in range(steps):
+            if backward:
+                step(model, accelerator, images, labels)
+                model.zero_grad(set_to_none=True)
+            else:
+                forward()
+        spent = time.thread_time() - start
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return spent / steps * 1e6
+
+    run()
+    return run
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (small: compute negligible)")
+    parser.add_argument("--steps", type=int, default=500, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=11, help="alternating timings of each way")
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    info = benchlib.environment()
+    benchlib.print_environment(info)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE**2, 10))
+    wrapped = accelerator.prepare(copy.deepcopy(plain))
+    plain, _ = prepare_model(accelerator, plain, torch.optim.SGD(plain.parameters(), lr=0.1))
+    models = {"accelerate's wrapper": wrapped, "prepare_model": plain}
+
+    images = torch.randn(args.batch_size, 3, SIDE, SIDE, device=accelerator.device)
+    labels = torch.randint(0, 10, (args.batch_size,), device=accelerator.device)
+    results = [
+        (step(model, accelerator, images, labels), [p.grad for p in model.parameters()]) for model in models.values()
+    ]
+    (loss, grads), (other_loss, other_grads) = results
+    same_bits = torch.equal(loss, other_loss) and all(map(torch.equal, grads, other_grads))
+    print(f"# on {accelerator.device}, bf16: the same loss and gradients both ways: {'yes' if same_bits else 'NO'}")
+
+    figures: dict[str, dict[str, list[float]]] = {}
+    rows = []
+    for part, backward in (("forward", False), ("forward, loss and backward", True)):
+        timers = {
+            name: timer(model, accelerator, args.batch_size, args.steps, backward) for name, model in models.items()
+        }
+        figures[part] = {name: [] for name in models}
+        for _ in range(args.repeats):
+            for name, run in timers.items():
+                figures[part][name].append(run())
+        ours = figures[part]["prepare_model"]
+        for name, values in figures[part].items():
+            rows.append([part, name, f"{median(values):.1f}", f"{benchlib.median_ratio(values, ours):.3f}"])
+    print(f"# batch {args.batch_size}, bf16 autocast: µs of CPU time per step, {args.repeats} alternating timings")
+    print()
+    benchlib.print_table(["what", "model", "µs per step (median)", "/ prepare_model's (median of ratios)"], rows)
+    benchlib.write_json(
+        args.json, {"environment": info, "settings": vars(args), "same_bits": same_bits, "us_per_step": figures}
+    )
+    if not same_bits:
+        sys.exit(f"the forward without accelerate's wrapper gives other bits on {accelerator.device}")
+
+
+if __name__ == "__main__":
+    main()
