@@ -187,7 +187,8 @@ class DeviceTrainBatches:
         return len(self.sampler)
 
     def params(self, epoch: int, indices: np.ndarray) -> np.ndarray:
-        """The augmentation parameters (:func:`augmentation_params`) of samples ``indices`` in ``epoch``."""
+        """The augmentation parameters (:func:`augmentation_params`) of samples ``indices`` in
+        ``epoch``; without cutout, its columns are 0."""
         height, width = self.images.shape[-2:]
         seeds = self.seeds.aug_array(epoch, indices)
         flip, cutout = self.first_flips is None, self.cutout > 0
