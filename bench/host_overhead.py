@@ -276,8 +276,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--mixed-precision",
         choices=["auto", "no", "bf16", "fp16"],
-        help="the config's by default (auto: bf16 on CUDA, fp32 on the CPU); bf16 on the CPU runs accelerate's "
-        "mixed-precision wrappers as on a GPU",
+        help="the config's by default (auto: bf16 on CUDA, fp32 on the CPU); bf16 on the CPU runs the step "
+        "in autocast as on a GPU",
     )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also cProfile one epoch, top N")
     parser.add_argument("--json", help="also write the figures to this file")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, is_compiled_module
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -279,12 +279,19 @@ def prepare_model(
     That wrapper runs the forward in an autocast of its own and casts the outputs to
     float32. train.py runs the model under autocast already (``training_step``,
     ``evaluate``), and its loss and test-time augmentation cast the logits to float32:
-    the wrapper changes no value, and it costs host time at every forward, which on a
-    GPU leaves the device waiting (BENCHMARKS.md, section 8). Call the returned model
-    inside ``accelerator.autocast()``, as train.py does. A compiled model keeps the wrapper.
+    the wrapper changes no value (``tests/test_loss.py``, bf16) and costs host time at
+    every forward (BENCHMARKS.md, section 8). Call the returned model inside
+    ``accelerator.autocast()``, as train.py does. The model's forward becomes what it
+    was before ``prepare``, its own decorators kept; a compiled model keeps the wrapper.
     """
+    compiled = is_compiled_module(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # removes the wrapper in place
+    if not compiled:
+        inner = accelerator.unwrap_model(model)  # out of DDP, with accelerate's wrapper still on
+        # accelerate keeps the forward it wrapped here: put back, it undoes exactly that wrapping.
+        original = vars(inner).pop("_original_forward", None)
+        if original is not None:
+            inner.forward = original
     return model, optimizer
 
 

@@ -61,8 +61,7 @@ def augmentation_params(
     sample_seeds = np.asarray(sample_seeds, dtype=np.uint64)
     ranges = (2 * padding + 1, 2 * padding + 1, 2, height, width)
     derived = (_CROP_ROW, _CROP_COLUMN, *((_FLIP,) if flip else ()), *((_CUTOUT_ROW, _CUTOUT_COLUMN) if cutout else ()))
-    # A column at a time, each contiguous, modulo a scalar: all five words take under half
-    # the time they took as one (N, 5) array modulo a row of ranges.
+    # A column at a time, so that a word not asked for is never computed.
     params = np.zeros((_NUM_WORDS, len(sample_seeds)), dtype=np.int64)
     for column in derived:
         params[column] = mix64_array(sample_seeds, np.uint64(column)) % np.uint64(ranges[column])
