@@ -288,7 +288,7 @@ def prepare_model(
     model, optimizer = accelerator.prepare(model, optimizer)
     if not compiled:
         inner = accelerator.unwrap_model(model)  # out of DDP, with accelerate's wrapper still on
-        # accelerate keeps the forward it wrapped here: put back, it undoes exactly that wrapping.
+        # accelerate keeps the forward it wrapped on the model: putting it back undoes just that wrapping.
         original = vars(inner).pop("_original_forward", None)
         if original is not None:
             inner.forward = original
