@@ -19,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,16 @@ def print_environment(info: dict[str, Any]) -> None:
         f"({info['torch_threads']} threads), torchvision {info['torchvision']}, Python {info['python']}, "
         f"commit {info['git_commit']}, load average at start {info['load_average_at_start']}"
     )
+
+
+def alternate(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call each timer once per round, in turn, for ``repeats`` rounds: each's figures, by name.
+    Alternating spreads a shared machine's slow spells over all of them."""
+    figures: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, run in timers.items():
+            figures[name].append(run())
+    return figures
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:

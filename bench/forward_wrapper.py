@@ -4,14 +4,14 @@ In mixed precision ``accelerator.prepare`` wraps the model's forward in an
 autocast of its own and a cast of the outputs to float32. train.py's
 ``prepare_model`` (cifar/build.py) removes that wrapper, since its step and
 evaluation run the model under ``accelerator.autocast()`` already and cast
-the logits to float32 themselves. This times the forward, the label-smoothed
-loss and the backward of a one-layer model on 3x3 images (compute
-negligible: the figure is the host's Python, dispatch and, on CUDA, kernel
-launches), in bf16 autocast, both ways, alternating ``--repeats`` times, each
-timing ``--steps`` steps with this thread's CPU time; the figure is the median
-of the per-repetition ratios (bench/benchlib.py). The forward alone is timed
-the same way. Before timing it checks that
-both ways give the same loss and gradients, bit for bit, or exits with status 1
+the logits to float32 themselves. This times train.py's ``training_step``
+(forward, label-smoothed loss, backward) of a one-layer model on 3x3 images
+(compute negligible: the figure is the host's Python, dispatch and, on CUDA,
+kernel launches), in bf16 autocast, both ways, alternating ``--repeats``
+times, each timing ``--steps`` steps with this thread's CPU time; the figure
+is the median of the per-repetition ratios (bench/benchlib.py). The forward
+alone is timed the same way. Before timing it checks that both ways give the
+same loss and gradients, bit for bit, or exits with status 1
 (``tests/test_loss.py`` checks train.py's step and evaluation in bf16 on the CPU).
 
     python bench/forward_wrapper.py
@@ -32,50 +32,46 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+import train
 from cifar.build import prepare_model
-from cifar.loss import label_smoothed_cross_entropy
+from cifar.config import TrainConfig, parse_config
 
 SIDE = 3
-SMOOTHING = 0.2  # the speedrun recipe's
 
 
-def step(model: nn.Module, accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """train.py's forward, loss and backward for one chunk."""
-    with accelerator.autocast():
-        loss = label_smoothed_cross_entropy(model(images), labels, SMOOTHING)
-    loss.backward()
-    return loss.detach()
-
-
-def timer(
-    model: nn.Module, accelerator: Accelerator, batch_size: int, steps: int, backward: bool
-) -> Callable[[], float]:
-    """A function that runs ``steps`` forwards (each in its own ``accelerator.autocast()``, as
-    train.py's step runs one), with the loss and backward if ``backward``, and returns µs of
-    this thread's CPU time per step."""
-    device = accelerator.device
-    images = torch.randn(batch_size, 3, SIDE, SIDE, device=device)
-    labels = torch.randint(0, 10, (batch_size,), device=device)
+def timers_for(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig,
+    accelerator: Accelerator,
+    steps: int,
+) -> dict[str, Callable[[], float]]:
+    """Functions that each run ``steps`` forwards, one of them with train.py's loss and
+    backward (``training_step``), and return µs of this thread's CPU time per step."""
+    images, labels = batch
 
     def forward() -> None:
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast():  # one autocast a forward, as in train.py's step
             model(images)
 
-    def run() -> float:
-        start = time.thread_time()
-        for _ in range(steps):
-            if backward:
-                step(model, accelerator, images, labels)
-                model.zero_grad(set_to_none=True)
-            else:
-                forward()
-        spent = time.thread_time() - start
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return spent / steps * 1e6
+    def step() -> None:
+        train.training_step(model, images, labels, config, accelerator)
+        model.zero_grad(set_to_none=True)
 
-    run()
-    return run
+    def timed(work: Callable[[], None]) -> Callable[[], float]:
+        def run() -> float:
+            start = time.thread_time()
+            for _ in range(steps):
+                work()
+            spent = time.thread_time() - start
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            return spent / steps * 1e6
+
+        run()
+        return run
+
+    return {"forward": timed(forward), "forward, loss and backward": timed(step)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,33 +89,26 @@ def main() -> None:
     info = benchlib.environment()
     benchlib.print_environment(info)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16")
+    config = parse_config(["--config", str(benchlib.SPEEDRUN_CONFIG), "--mixed-precision", "bf16"])
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE**2, 10))
     wrapped = accelerator.prepare(copy.deepcopy(plain))
     plain, _ = prepare_model(accelerator, plain, torch.optim.SGD(plain.parameters(), lr=0.1))
     models = {"accelerate's wrapper": wrapped, "prepare_model": plain}
-
     images = torch.randn(args.batch_size, 3, SIDE, SIDE, device=accelerator.device)
-    labels = torch.randint(0, 10, (args.batch_size,), device=accelerator.device)
-    results = [
-        (step(model, accelerator, images, labels), [p.grad for p in model.parameters()]) for model in models.values()
-    ]
-    (loss, grads), (other_loss, other_grads) = results
-    same_bits = torch.equal(loss, other_loss) and all(map(torch.equal, grads, other_grads))
+    batch = images, torch.randint(0, 10, (args.batch_size,), device=accelerator.device)
+
+    losses = [train.training_step(model, *batch, config, accelerator) for model in models.values()]
+    gradients = [[param.grad for param in model.parameters()] for model in models.values()]
+    same_bits = torch.equal(*losses) and all(map(torch.equal, *gradients))
     print(f"# on {accelerator.device}, bf16: the same loss and gradients both ways: {'yes' if same_bits else 'NO'}")
     if not same_bits:
         sys.exit(f"the forward without accelerate's wrapper gives other bits on {accelerator.device}")
 
-    figures: dict[str, dict[str, list[float]]] = {}
-    rows = []
-    for part, backward in (("forward", False), ("forward, loss and backward", True)):
-        timers = {
-            name: timer(model, accelerator, args.batch_size, args.steps, backward) for name, model in models.items()
-        }
-        figures[part] = {name: [] for name in models}
-        for _ in range(args.repeats):
-            for name, run in timers.items():
-                figures[part][name].append(run())
+    timers = {name: timers_for(model, batch, config, accelerator, args.steps) for name, model in models.items()}
+    figures, rows = {}, []
+    for part in timers["prepare_model"]:
+        figures[part] = benchlib.alternate({name: parts[part] for name, parts in timers.items()}, args.repeats)
         ours = figures[part]["prepare_model"]
         for name, values in figures[part].items():
             rows.append([part, name, f"{median(values):.1f}", f"{benchlib.median_ratio(values, ours):.3f}"])

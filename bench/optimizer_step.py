@@ -140,10 +140,7 @@ def main() -> None:
     groups, lr, momentum = stand_in_groups(args.model, device)
     kinds = ("torch SGD, per tensor", "torch SGD, foreach", "NesterovSGD")
     timers = {kind: timer(build(kind, groups, lr, momentum), args.steps) for kind in kinds}
-    figures: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for _ in range(args.repeats):
-        for kind in kinds:
-            figures[kind].append(timers[kind]())
+    figures = benchlib.alternate(timers, args.repeats)
     sizes = [len(group["params"]) for group in groups]
     print(f"# {args.model}'s parameter groups ({sizes} parameters), on {device}: step + zero_grad, µs of CPU time")
     print()
