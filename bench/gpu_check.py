@@ -60,8 +60,11 @@ g. Whether the GPU waits for the host in train.py's steps
    in meanwhile; the same network's bare loop over the same batches, profiled
    the same way, beside it; and both loops' time per step unprofiled (train.py's
    second epoch, the bare loop's second pass). train.py's timeline is kept
-   (``step_timeline_trace.json.gz``).
-   Not in the default set; under a minute.
+   (``step_timeline_trace.json.gz``). Then the same at batch 32, where the GPU
+   is mostly idle and a step's wall time is the host's (``host_bound/``):
+   train.py's host time for the speedrun net's step against the GPU's work
+   per step at batch 1024, and which of the two bounds the step.
+   Not in the default set; 13 s on the H200 before the batch-32 run was added.
 h. Host time per step of train.py's own loop on this machine
    (bench/host_overhead.py: the speedrun recipe's loop, the device pipeline at
    batch 1024, on a one-layer model, so that the GPU's work is negligible and
@@ -524,6 +527,41 @@ def stage_g(report: Report, out: Path, smoke: bool) -> None:
         return
     report.figures["g_step_timeline"] = {key: figures[key] for key in figures if key not in ("environment", "settings")}
     report.add("g", "GPU busy in train.py's steps", "measured", timeline_summary(figures))
+    # At a batch this small the GPU's work is a fraction of the host's, so a step's wall time is
+    # the host's time for it: set against the GPU's work per step at the recipe's batch, it says
+    # which of the two bounds train.py's step there.
+    small = ["--batch-size", "2" if smoke else str(HOST_BOUND_BATCH), "--steps", "2" if smoke else "48"]
+    host_out = out / "host_bound"  # the same bench's files, beside those of the run above
+    host_out.mkdir(exist_ok=True)
+    host = run_bench(report, "g", "host time of the steps", host_out, "step_timeline", small)
+    if host is None:
+        return
+    report.figures["g_host_bound"] = {key: host[key] for key in host if key not in ("environment", "settings")}
+    report.add("g", f"host time of the steps, batch {host['settings']['batch_size']}", "measured",
+               host_time_summary(host, figures))  # fmt: skip
+
+
+HOST_BOUND_BATCH = 32
+HOST_BOUND_MAX_BUSY = 0.5  # above it the GPU's work shares a step's wall time with the host's
+
+
+def host_time_summary(host: dict[str, Any], recipe_batch: dict[str, Any]) -> str:
+    """One line: the three loops' unprofiled µs a step at a small batch (the host's time, where
+    the GPU is mostly idle), and train.py's against the GPU's work per step at the recipe's
+    batch (the bare loop's busy time there)."""
+    train_py, bare = host["unprofiled_us_per_step"], host["bare"]
+    detail = (f"unprofiled µs a step: train.py {train_py:.0f}, the bare loop {bare['unprofiled_us_per_step']:.0f}, "
+              f"with the recipe's optimizer and lookahead {bare['recipe_unprofiled_us_per_step']:.0f}")  # fmt: skip
+    if not host["gpu_activity_recorded"]:
+        return f"no GPU activity recorded; {detail}"
+    busy = host["gpu_busy_fraction"]
+    detail += f"; GPU busy {busy:.1%} of train.py's profiled steps"
+    if busy > HOST_BOUND_MAX_BUSY:
+        return f"{detail}: too busy for these to be the host's times"
+    gpu_work = recipe_batch["bare"]["gpu_busy_us_per_step"]
+    bound = "the host" if train_py > gpu_work else "the GPU"
+    return (f"{detail}; train.py's against the GPU's {gpu_work:.0f} µs of work a step at batch "
+            f"{recipe_batch['settings']['batch_size']}: {train_py / gpu_work:.2f}, {bound} bounds it")  # fmt: skip
 
 
 def timeline_summary(figures: dict[str, Any]) -> str:
