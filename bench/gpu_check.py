@@ -547,8 +547,8 @@ HOST_BOUND_MAX_BUSY = 0.5  # above it the GPU's work shares a step's wall time w
 
 def host_time_summary(host: dict[str, Any], recipe_batch: dict[str, Any]) -> str:
     """One line: the three loops' unprofiled µs a step at a small batch (the host's time, where
-    the GPU is mostly idle), and train.py's against the GPU's work per step at the recipe's
-    batch (the bare loop's busy time there)."""
+    the GPU is mostly idle), and train.py's against the GPU's work for train.py's step at the
+    recipe's batch (its profiled steps' busy time there)."""
     train_py, bare = host["unprofiled_us_per_step"], host["bare"]
     detail = (f"unprofiled µs a step: train.py {train_py:.0f}, the bare loop {bare['unprofiled_us_per_step']:.0f}, "
               f"with the recipe's optimizer and lookahead {bare['recipe_unprofiled_us_per_step']:.0f}")  # fmt: skip
@@ -558,7 +558,7 @@ def host_time_summary(host: dict[str, Any], recipe_batch: dict[str, Any]) -> str
     detail += f"; GPU busy {busy:.1%} of train.py's profiled steps"
     if busy > HOST_BOUND_MAX_BUSY:
         return f"{detail}: too busy for these to be the host's times"
-    gpu_work = recipe_batch["bare"]["gpu_busy_us_per_step"]
+    gpu_work = recipe_batch["gpu_busy_us_per_step"]
     bound = "the host" if train_py > gpu_work else "the GPU"
     return (f"{detail}; train.py's against the GPU's {gpu_work:.0f} µs of work a step at batch "
             f"{recipe_batch['settings']['batch_size']}: {train_py / gpu_work:.2f}, {bound} bounds it")  # fmt: skip

@@ -47,13 +47,13 @@ def test_no_stage_starts_after_the_budget_and_the_figures_are_written(tmp_path):
 
 def test_stage_g_says_which_of_host_and_gpu_bounds_the_step():
     # Shaped as bench/step_timeline.py's JSON: a small batch's run (host times, the GPU mostly
-    # idle) against the recipe batch's bare loop, whose GPU busy time is the step's GPU work.
+    # idle) against the recipe batch's, whose profiled GPU busy time is the step's GPU work.
     def small_batch(train_py_us: float, busy: float) -> dict:
         bare = {"unprofiled_us_per_step": 3000.0, "recipe_unprofiled_us_per_step": 3500.0}
         return {"unprofiled_us_per_step": train_py_us, "bare": bare, "gpu_activity_recorded": True,
                 "gpu_busy_fraction": busy}  # fmt: skip
 
-    recipe_batch = {"bare": {"gpu_busy_us_per_step": 4000.0}, "settings": {"batch_size": 1024}}
+    recipe_batch = {"gpu_busy_us_per_step": 4000.0, "settings": {"batch_size": 1024}}
     line = gpu_check.host_time_summary(small_batch(5000.0, 0.15), recipe_batch)
     assert "train.py 5000, the bare loop 3000, with the recipe's optimizer and lookahead 3500" in line
     assert line.endswith("GPU's 4000 µs of work a step at batch 1024: 1.25, the host bounds it")
