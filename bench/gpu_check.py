@@ -63,8 +63,11 @@ g. Whether the GPU waits for the host in train.py's steps
    (``step_timeline_trace.json.gz``). Then the same at batch 32, where the GPU
    is mostly idle and a step's wall time is the host's (``host_bound/``):
    train.py's host time for the speedrun net's step against the GPU's work
-   per step at batch 1024, and which of the two bounds the step.
-   Not in the default set; 13 s on the H200 before the batch-32 run was added.
+   per step at batch 1024, and which of the two bounds the step. Last, the
+   speedrun step with its forward and backward replayed as CUDA graphs against
+   the same step eager (bench/graphed_step.py): what the graphs save a step,
+   and whether the two copies of the net keep the same bits.
+   Not in the default set; 13 s on the H200 before the last two runs were added.
 h. Host time per step of train.py's own loop on this machine
    (bench/host_overhead.py: the speedrun recipe's loop, the device pipeline at
    batch 1024, on a one-layer model, so that the GPU's work is negligible and
@@ -539,6 +542,20 @@ def stage_g(report: Report, out: Path, smoke: bool) -> None:
     report.figures["g_host_bound"] = {key: host[key] for key in host if key not in ("environment", "settings")}
     report.add("g", f"host time of the steps, batch {host['settings']['batch_size']}", "measured",
                host_time_summary(host, figures))  # fmt: skip
+    # What replaying the forward and backward as CUDA graphs would save the host, and whether it keeps the bits.
+    check = "forward and backward as CUDA graphs"
+    graphs = run_bench(report, "g", check, out, "graphed_step", ["--steps", "2", "--repeats", "1"] if smoke else [])
+    if graphs is None:
+        return
+    if not graphs["cuda"]:
+        report.add("g", check, "skipped", "CUDA only")
+        return
+    report.figures["g_graphed_step"] = {key: graphs[key] for key in graphs if key not in ("environment", "settings")}
+    steps = graphs["us_per_step"]
+    report.add("g", check, "measured",
+               f"eager {median(steps['eager']):.0f} µs a step, graphed {median(steps['graphed']):.0f}: "
+               f"{graphs['eager_over_graphed']:.2f}x; bits after {graphs['steps']} steps "
+               f"{'equal' if graphs['bitwise_equal'] else 'DIFFER'}")  # fmt: skip
 
 
 HOST_BOUND_BATCH = 32

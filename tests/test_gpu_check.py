@@ -5,14 +5,20 @@ themselves need CUDA for their figures; their CPU smoke run is in BENCHMARKS.md,
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 
+import torch
 from conftest import REPO, clean_env
+
+from cifar.config import parse_config
+from cifar.models import build_model
 
 sys.path.insert(0, str(REPO / "bench"))  # bench/ is not a package
 import gpu_check
+import graphed_step
 
 
 def test_a_stage_that_raises_fails_alone_with_its_traceback_in_the_log(capsys):
@@ -60,3 +66,24 @@ def test_stage_g_says_which_of_host_and_gpu_bounds_the_step():
     assert gpu_check.host_time_summary(small_batch(3600.0, 0.15), recipe_batch).endswith("0.90, the GPU bounds it")
     busy = gpu_check.host_time_summary(small_batch(5000.0, 0.7), recipe_batch)
     assert busy.endswith("too busy for these to be the host's times") and "bounds" not in busy
+
+
+def test_the_graphed_step_bench_compares_every_tensor_of_the_two_copies():
+    # On a GPU the bench says whether CUDA graphs keep the eager step's bits; here its eager half:
+    # two copies of the speedrun net from one initialisation, trained on the same batches.
+    config = parse_config(["--config", str(REPO / "configs" / "cifar10_speedrun.yaml"), "--dataset", "synthetic"])
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+    batches = list(zip(images.split(3), torch.randint(0, 10, (6,), generator=generator).split(3), strict=True))
+    model = build_model("speedrun", 10).to(memory_format=torch.channels_last)
+    first, second = graphed_step.Trainer(model, config, 2), graphed_step.Trainer(copy.deepcopy(model), config, 2)
+    start = [tensor.clone() for tensor in second.state()]
+    for trainer in (first, second):
+        trainer.timed_pass(batches)
+    assert first.same_bits(second)
+    # Every trained tensor moved, and the momentum buffers are compared too.
+    moved = [not torch.equal(a, b) for a, b in zip(start, second.state(), strict=False)]
+    assert sum(moved) >= 25 and len(second.state()) > len(start)
+    with torch.no_grad():
+        second.model.head.weight[0, 0] += 1e-3
+    assert not first.same_bits(second)
