@@ -521,28 +521,38 @@ def stage_d(report: Report, out: Path, smoke: bool) -> None:
 
 def stage_g(report: Report, out: Path, smoke: bool) -> None:
     """Whether the GPU waits for the host during train.py's steps (bench/step_timeline.py): the
-    fraction of the steps' time the GPU was busy, the waits inside the steps, the longest gap."""
+    fraction of the steps' time the GPU was busy, the waits inside the steps, the longest gap;
+    then whether the host or the GPU bounds the step, and what CUDA graphs would save."""
     arguments = ["--trace", str(out / "step_timeline_trace.json.gz")]
     if smoke:
         arguments += ["--steps", "2", "--batch-size", "16"]
     figures = run_bench(report, "g", "GPU busy in train.py's steps", out, "step_timeline", arguments)
-    if figures is None:
-        return
-    report.figures["g_step_timeline"] = {key: figures[key] for key in figures if key not in ("environment", "settings")}
-    report.add("g", "GPU busy in train.py's steps", "measured", timeline_summary(figures))
-    # At a batch this small the GPU's work is a fraction of the host's, so a step's wall time is
-    # the host's time for it: set against the GPU's work per step at the recipe's batch, it says
-    # which of the two bounds train.py's step there.
+    if figures is not None:
+        report.figures["g_step_timeline"] = {k: figures[k] for k in figures if k not in ("environment", "settings")}
+        report.add("g", "GPU busy in train.py's steps", "measured", timeline_summary(figures))
+        stage_g_host_time(report, out, smoke, figures)
+    stage_g_graphs(report, out, smoke)
+
+
+def stage_g_host_time(report: Report, out: Path, smoke: bool, recipe_batch: dict[str, Any]) -> None:
+    """Stage g's second run: the same loops at a batch so small that the GPU's work is a fraction
+    of the host's, so that a step's wall time is the host's time for it; set against the GPU's
+    work per step at the recipe's batch (``recipe_batch``, the first run's figures), it says
+    which of the two bounds train.py's step there."""
     small = ["--batch-size", "2" if smoke else str(HOST_BOUND_BATCH), "--steps", "2" if smoke else "48"]
-    host_out = out / "host_bound"  # the same bench's files, beside those of the run above
+    host_out = out / "host_bound"  # the same bench's files, beside the first run's
     host_out.mkdir(exist_ok=True)
     host = run_bench(report, "g", "host time of the steps", host_out, "step_timeline", small)
     if host is None:
         return
     report.figures["g_host_bound"] = {key: host[key] for key in host if key not in ("environment", "settings")}
     report.add("g", f"host time of the steps, batch {host['settings']['batch_size']}", "measured",
-               host_time_summary(host, figures))  # fmt: skip
-    # What replaying the forward and backward as CUDA graphs would save the host, and whether it keeps the bits.
+               host_time_summary(host, recipe_batch))  # fmt: skip
+
+
+def stage_g_graphs(report: Report, out: Path, smoke: bool) -> None:
+    """Stage g's last run (bench/graphed_step.py): what replaying the speedrun step's forward and
+    backward as CUDA graphs saves the host, and whether it keeps the eager step's bits."""
     check = "forward and backward as CUDA graphs"
     graphs = run_bench(report, "g", check, out, "graphed_step", ["--steps", "2", "--repeats", "1"] if smoke else [])
     if graphs is None:
