@@ -1,7 +1,9 @@
 """How bench/gpu_check.py spends a device session: it runs on a lent GPU with a fixed time
 limit, once, so a stage that fails must not take the others' figures with it, no stage
 starts after the budget, and the figures are on disk after every stage. The stages
-themselves need CUDA for their figures; their CPU smoke run is in BENCHMARKS.md, section 5."""
+themselves need CUDA for their figures; their CPU smoke run is in BENCHMARKS.md, section 5.
+What of stage g a CPU can check is here too: its verdict on whether the host or the GPU
+bounds the step, and the graphed-step bench's comparison of its two copies of the net."""
 
 from __future__ import annotations
 
