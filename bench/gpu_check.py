@@ -63,10 +63,11 @@ g. Whether the GPU waits for the host in train.py's steps
    (``step_timeline_trace.json.gz``). Then the same at batch 32, where the GPU
    is mostly idle and a step's wall time is the host's (``host_bound/``):
    train.py's host time for the speedrun net's step against the GPU's work
-   per step at batch 1024, and which of the two bounds the step. Last, the
+   per step at batch 1024, and which of the two bounds the step. Last, a bare
    speedrun step with its forward and backward replayed as CUDA graphs against
-   the same step eager (bench/graphed_step.py): what the graphs save a step,
-   and whether the two copies of the net keep the same bits.
+   the same step eager (bench/graphed_step.py), at batch 1024 (the step's
+   time) and at batch 32 (the host's): what the graphs save, and whether the
+   two copies of the net keep the same bits.
    Not in the default set; 13 s on the H200 before the last two runs were added.
 h. Host time per step of train.py's own loop on this machine
    (bench/host_overhead.py: the speedrun recipe's loop, the device pipeline at
@@ -522,7 +523,8 @@ def stage_d(report: Report, out: Path, smoke: bool) -> None:
 def stage_g(report: Report, out: Path, smoke: bool) -> None:
     """Whether the GPU waits for the host during train.py's steps (bench/step_timeline.py): the
     fraction of the steps' time the GPU was busy, the waits inside the steps, the longest gap;
-    then whether the host or the GPU bounds the step, and what CUDA graphs would save."""
+    then whether the host or the GPU bounds the step, and what CUDA graphs save a bare step.
+    Each of its runs is reported whether or not the others failed."""
     arguments = ["--trace", str(out / "step_timeline_trace.json.gz")]
     if smoke:
         arguments += ["--steps", "2", "--batch-size", "16"]
@@ -530,15 +532,20 @@ def stage_g(report: Report, out: Path, smoke: bool) -> None:
     if figures is not None:
         report.figures["g_step_timeline"] = {k: figures[k] for k in figures if k not in ("environment", "settings")}
         report.add("g", "GPU busy in train.py's steps", "measured", timeline_summary(figures))
-        stage_g_host_time(report, out, smoke, figures)
+    stage_g_host_time(report, out, smoke, figures)
     stage_g_graphs(report, out, smoke)
 
 
-def stage_g_host_time(report: Report, out: Path, smoke: bool, recipe_batch: dict[str, Any]) -> None:
+HOST_BOUND_BATCH = 32  # the speedrun net's GPU work at this batch is a fraction of the host's
+HOST_BOUND_MAX_BUSY = 0.5  # above it the GPU's work shares a step's wall time with the host's
+BOUND_MARGIN = 0.1  # within it, host time and GPU work are too close to say which bounds the step
+
+
+def stage_g_host_time(report: Report, out: Path, smoke: bool, recipe_batch: dict[str, Any] | None) -> None:
     """Stage g's second run: the same loops at a batch so small that the GPU's work is a fraction
     of the host's, so that a step's wall time is the host's time for it; set against the GPU's
-    work per step at the recipe's batch (``recipe_batch``, the first run's figures), it says
-    which of the two bounds train.py's step there."""
+    work per step at the recipe's batch (``recipe_batch``, the first run's figures, if it ran),
+    it says which of the two bounds train.py's step there."""
     small = ["--batch-size", "2" if smoke else str(HOST_BOUND_BATCH), "--steps", "2" if smoke else "48"]
     host_out = out / "host_bound"  # the same bench's files, beside the first run's
     host_out.mkdir(exist_ok=True)
@@ -550,29 +557,7 @@ def stage_g_host_time(report: Report, out: Path, smoke: bool, recipe_batch: dict
                host_time_summary(host, recipe_batch))  # fmt: skip
 
 
-def stage_g_graphs(report: Report, out: Path, smoke: bool) -> None:
-    """Stage g's last run (bench/graphed_step.py): what replaying the speedrun step's forward and
-    backward as CUDA graphs saves the host, and whether it keeps the eager step's bits."""
-    check = "forward and backward as CUDA graphs"
-    graphs = run_bench(report, "g", check, out, "graphed_step", ["--steps", "2", "--repeats", "1"] if smoke else [])
-    if graphs is None:
-        return
-    if not graphs["cuda"]:
-        report.add("g", check, "skipped", "CUDA only")
-        return
-    report.figures["g_graphed_step"] = {key: graphs[key] for key in graphs if key not in ("environment", "settings")}
-    steps = graphs["us_per_step"]
-    report.add("g", check, "measured",
-               f"eager {median(steps['eager']):.0f} µs a step, graphed {median(steps['graphed']):.0f}: "
-               f"{graphs['eager_over_graphed']:.2f}x; bits after {graphs['steps']} steps "
-               f"{'equal' if graphs['bitwise_equal'] else 'DIFFER'}")  # fmt: skip
-
-
-HOST_BOUND_BATCH = 32
-HOST_BOUND_MAX_BUSY = 0.5  # above it the GPU's work shares a step's wall time with the host's
-
-
-def host_time_summary(host: dict[str, Any], recipe_batch: dict[str, Any]) -> str:
+def host_time_summary(host: dict[str, Any], recipe_batch: dict[str, Any] | None) -> str:
     """One line: the three loops' unprofiled µs a step at a small batch (the host's time, where
     the GPU is mostly idle), and train.py's against the GPU's work for train.py's step at the
     recipe's batch (its profiled steps' busy time there)."""
@@ -581,14 +566,52 @@ def host_time_summary(host: dict[str, Any], recipe_batch: dict[str, Any]) -> str
               f"with the recipe's optimizer and lookahead {bare['recipe_unprofiled_us_per_step']:.0f}")  # fmt: skip
     if not host["gpu_activity_recorded"]:
         return f"no GPU activity recorded; {detail}"
-    busy = host["gpu_busy_fraction"]
-    detail += f"; GPU busy {busy:.1%} of train.py's profiled steps"
+    # The GPU's work (its busy time, profiled) as a share of the unprofiled step it is set against.
+    busy = host["gpu_busy_us_per_step"] / train_py
+    detail += f"; the GPU's work {busy:.0%} of that step"
     if busy > HOST_BOUND_MAX_BUSY:
-        return f"{detail}: too busy for these to be the host's times"
+        return f"{detail}: too much for these to be the host's times"
+    if recipe_batch is None or not recipe_batch["gpu_activity_recorded"]:
+        return f"{detail}; no GPU work measured at the recipe's batch to set them against"
     gpu_work = recipe_batch["gpu_busy_us_per_step"]
-    bound = "the host" if train_py > gpu_work else "the GPU"
+    ratio = train_py / gpu_work
+    if ratio > 1 + BOUND_MARGIN:
+        bound = "the host bounds it"
+    elif ratio < 1 - BOUND_MARGIN:
+        bound = "the GPU bounds it"
+    else:
+        bound = f"within {BOUND_MARGIN:.0%}: neither clearly bounds it"
     return (f"{detail}; train.py's against the GPU's {gpu_work:.0f} µs of work a step at batch "
-            f"{recipe_batch['settings']['batch_size']}: {train_py / gpu_work:.2f}, {bound} bounds it")  # fmt: skip
+            f"{recipe_batch['settings']['batch_size']}: {ratio:.2f}, {bound}")  # fmt: skip
+
+
+def stage_g_graphs(report: Report, out: Path, smoke: bool) -> None:
+    """Stage g's last runs (bench/graphed_step.py): the speedrun step with its forward and backward
+    replayed as CUDA graphs against the same step eager, at the recipe's batch (the step's time)
+    and at a small batch (the host's), and whether the graphs keep the eager step's bits."""
+    for batch in (4, 2) if smoke else (1024, HOST_BOUND_BATCH):
+        check = f"forward and backward as CUDA graphs, batch {batch}"
+        arguments = ["--batch-size", str(batch), *(["--steps", "2", "--repeats", "1"] if smoke else [])]
+        graphs_out = out / f"graphed_batch_{batch}"
+        graphs_out.mkdir(exist_ok=True)
+        graphs = run_bench(report, "g", check, graphs_out, "graphed_step", arguments)
+        if graphs is None:
+            continue
+        if not graphs["cuda"]:
+            report.add("g", check, "skipped", "CUDA only")
+            continue
+        report.figures[f"g_graphed_step_{batch}"] = {
+            k: graphs[k] for k in graphs if k not in ("environment", "settings")
+        }
+        report.add("g", check, "measured", graphs_summary(graphs))
+
+
+def graphs_summary(graphs: dict[str, Any]) -> str:
+    """One line of bench/graphed_step.py's figures."""
+    steps = graphs["us_per_step"]
+    return (f"eager {median(steps['eager']):.0f} µs a step, graphed {median(steps['graphed']):.0f}: "
+            f"{graphs['eager_over_graphed']:.2f}x; bits after {graphs['steps']} steps "
+            f"{'equal' if graphs['bitwise_equal'] else 'DIFFER'}")  # fmt: skip
 
 
 def timeline_summary(figures: dict[str, Any]) -> str:
