@@ -479,6 +479,12 @@ def stage_c_train_py(report: Report, out: Path, smoke: bool) -> None:
     report.add("c", "train.py resnet9 step rate", verdict, detail)
 
 
+def measured(figures: dict[str, Any]) -> dict[str, Any]:
+    """A bench's figures without the environment and settings it also writes: the check's JSON
+    records the environment once, and the bench's own JSON, kept in OUT_DIR, its settings."""
+    return {key: value for key, value in figures.items() if key not in ("environment", "settings")}
+
+
 def run_bench(report: Report, stage: str, check: str, out: Path, script: str, arguments: list[str]) -> Any:
     """Run ``bench/SCRIPT.py`` with ``arguments`` and ``--json``, its output kept in
     ``OUT/SCRIPT.log``; return its JSON figures, or None after reporting the check failed."""
@@ -530,7 +536,7 @@ def stage_g(report: Report, out: Path, smoke: bool) -> None:
         arguments += ["--steps", "2", "--batch-size", "16"]
     figures = run_bench(report, "g", "GPU busy in train.py's steps", out, "step_timeline", arguments)
     if figures is not None:
-        report.figures["g_step_timeline"] = {k: figures[k] for k in figures if k not in ("environment", "settings")}
+        report.figures["g_step_timeline"] = measured(figures)
         report.add("g", "GPU busy in train.py's steps", "measured", timeline_summary(figures))
     stage_g_host_time(report, out, smoke, figures)
     stage_g_graphs(report, out, smoke)
@@ -552,7 +558,7 @@ def stage_g_host_time(report: Report, out: Path, smoke: bool, recipe_batch: dict
     host = run_bench(report, "g", "host time of the steps", host_out, "step_timeline", small)
     if host is None:
         return
-    report.figures["g_host_bound"] = {key: host[key] for key in host if key not in ("environment", "settings")}
+    report.figures["g_host_bound"] = measured(host)
     report.add("g", f"host time of the steps, batch {host['settings']['batch_size']}", "measured",
                host_time_summary(host, recipe_batch))  # fmt: skip
 
@@ -600,9 +606,7 @@ def stage_g_graphs(report: Report, out: Path, smoke: bool) -> None:
         if not graphs["cuda"]:
             report.add("g", check, "skipped", "CUDA only")
             continue
-        report.figures[f"g_graphed_step_{batch}"] = {
-            k: graphs[k] for k in graphs if k not in ("environment", "settings")
-        }
+        report.figures[f"g_graphed_step_{batch}"] = measured(graphs)
         report.add("g", check, "measured", graphs_summary(graphs))
 
 
@@ -697,7 +701,7 @@ def stage_i(report: Report, out: Path, data: Path, script: Path | None, smoke: b
     if smoke:
         report.add("i", "airbench94's data files", "measured", f"{figures['images']} (airbench94 runs on CUDA only)")
         return
-    report.figures["i_airbench94"] = {key: figures[key] for key in figures if key not in ("environment", "settings")}
+    report.figures["i_airbench94"] = measured(figures)
     if "median_seconds" not in figures:
         report.add("i", "airbench94", "FAIL", f"{len(figures['runs'])} runs finished: none after the cold one")
         return
