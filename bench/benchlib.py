@@ -1,5 +1,5 @@
 """What the benchmarks share: the repository on ``sys.path``, a description of
-the machine they ran on, and the median-of-ratios summary.
+the machine they ran on, the median-of-ratios summary, and a bitwise comparison of tensors.
 
 Import it before anything from the repository: ``python bench/X.py`` puts only
 ``bench/`` on ``sys.path``, and ``cifar/`` is not an installed package.
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from cifar.build import Batches
     from cifar.checkpoint import Training
 
@@ -103,6 +105,20 @@ def alternate(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str,
         for name, run in timers.items():
             figures[name].append(run())
     return figures
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values bit for bit: same dtype and shape, and equal as
+    integers of their element size, so that two NaNs of the same bits are equal (``torch.equal``
+    calls them unequal) and -0.0 differs from 0.0 (``torch.equal`` calls them equal)."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.detach().view(integer), b.detach().view(integer)
+    return torch.equal(a, b)
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:

@@ -58,14 +58,6 @@ NUM_CLASSES = 10
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bits as integers of its element size: equal exactly when the values' bits are."""
-    return tensor.view(INTEGER_OF_SIZE[tensor.element_size()]) if tensor.is_floating_point() else tensor
-
-
 class StepLoss(nn.Module):
     """The model's label-smoothed loss on a batch, computed as train.py's step computes it, in
     bf16 autocast; without autocast's cache of cast weights, which graph capture refuses
@@ -121,12 +113,9 @@ class Trainer:
         return (time.perf_counter() - started) * 1e6 / len(batches)
 
     def same_bits(self, other: Trainer) -> bool:
-        """Whether the two copies' parameters, buffers and momentum buffers are equal bit for bit
-        (two NaNs of the same bits too, which ``torch.equal`` calls unequal)."""
+        """Whether the two copies' parameters, buffers and momentum buffers are equal bit for bit."""
         mine, theirs = self.state(), other.state()
-        return len(mine) == len(theirs) and all(
-            torch.equal(bits(a), bits(b)) for a, b in zip(mine, theirs, strict=True)
-        )
+        return len(mine) == len(theirs) and all(map(benchlib.bitwise_equal, mine, theirs))
 
     def state(self) -> list[torch.Tensor]:
         """Parameters, buffers and momentum buffers, in a fixed order."""

@@ -80,11 +80,7 @@ def same_bits_as_torch(model_name: str, device: torch.device, steps: int = 5) ->
             optimizer.step()
             scheduler.step()
         finals.append([*params, *(optimizer.state[param]["momentum_buffer"] for param in params)])
-    return all(
-        a.stride() == b.stride()
-        and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
-        for a, b in zip(*finals, strict=True)
-    )
+    return all(a.stride() == b.stride() and benchlib.bitwise_equal(a, b) for a, b in zip(*finals, strict=True))
 
 
 def build(kind: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:

@@ -19,6 +19,7 @@ from cifar.config import parse_config
 from cifar.models import build_model
 
 sys.path.insert(0, str(REPO / "bench"))  # bench/ is not a package
+import benchlib
 import gpu_check
 import graphed_step
 
@@ -149,3 +150,15 @@ def test_stage_g_reads_what_the_graphed_step_bench_writes():
     line = gpu_check.graphs_summary(figures)
     assert line == "eager 1000 µs a step, graphed 500: 2.00x; bits after 72 steps equal"
     assert gpu_check.graphs_summary({**figures, "bitwise_equal": False}).endswith("DIFFER")
+
+
+def test_the_benches_bit_check_compares_bits_not_values():
+    # The GPU check's "same bits" verdicts (graphed_step, optimizer_step, forward_wrapper) rest on it.
+    values = torch.tensor([1.0, float("nan"), 0.0])
+    assert benchlib.bitwise_equal(values, values.clone())  # torch.equal: False, for the NaN
+    assert not benchlib.bitwise_equal(values, torch.tensor([1.0, float("nan"), -0.0]))  # torch.equal: True
+    assert not benchlib.bitwise_equal(values, values.double())
+    assert not benchlib.bitwise_equal(values, values[:2])
+    assert benchlib.bitwise_equal(torch.arange(3), torch.arange(3))
+    layouts = torch.randn(2, 3, 4, 4)
+    assert benchlib.bitwise_equal(layouts, layouts.contiguous(memory_format=torch.channels_last))
