@@ -363,7 +363,7 @@ def test_a_checkpoint_of_the_previous_format_is_refused_in_one_line(tmp_path):
 
 
 PROBE = """
-import pathlib, torch, torch.distributed as dist
+import os, pathlib, torch, torch.distributed as dist
 from torch import nn
 from repro.checkpoint import Checkpointer, CheckpointError
 dist.init_process_group("gloo")
@@ -378,8 +378,12 @@ try:  # read by the main rank alone once the others wrote their part, it once sp
     Checkpointer(CHECKPOINTS).save(2, model=model, optimizer=optimizer, tensors={"ema": nn.Linear(2, 2)})
 except CheckpointError as error:
     pathlib.Path(f"{CHECKPOINTS}-group-rank-{dist.get_rank()}.txt").write_text(str(error))
-dist.barrier()  # no rank tears its group down while another still talks to it
-dist.destroy_process_group()
+dist.barrier()  # no rank leaves while another still talks to it
+# What this test checks is in the files above. Tearing the gloo group down (destroy_process_group,
+# then the interpreter's exit) aborted one rank of this probe in about 1 run in 25 here
+# ("terminate called without an active exception", after every file was written), which
+# replaced the exit status the test reads: leave without the teardown.
+os._exit(0)
 """
 
 
