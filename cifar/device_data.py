@@ -196,38 +196,42 @@ class DeviceTrainBatches:
             params[:, _FLIP] = self.first_flips[indices] ^ (epoch % 2)
         return params
 
-    def batch(
-        self, epoch: int, indices: np.ndarray, epoch_params: np.ndarray | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented images and labels of samples ``indices`` in ``epoch``.
+    def batch(self, epoch: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented images and labels of samples ``indices`` in ``epoch``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        params = torch.from_numpy(self.params(epoch, indices))
+        return self._augment(self._to_device(torch.from_numpy(indices)), self._to_device(params))
 
-        ``epoch_params``: every sample's :meth:`params` in ``epoch``, to look the
-        batch's up instead of deriving them (the same values).
-        """
-        params = self.params(epoch, indices) if epoch_params is None else epoch_params[indices]
-        host = torch.from_numpy(np.stack([indices, *params.T], axis=1))
+    def _augment(self, selected: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented images and labels of samples ``selected``, given their :meth:`params`
+        (N, 5), both on the device."""
+        # index_select, not [selected]: the same gather in a quarter of the CPU time.
+        originals = self.images.index_select(0, selected)
+        images = augment_batch(originals, params, self.mean, self.std, self.padding, self.cutout, self.padding_mode)
+        return images, self.labels.index_select(0, selected)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor's copy on the device, queued behind the device's work, not waiting for it."""
         if self.device.type == "cuda":
             # A copy from pinned memory does not wait for the queued training step, as a
             # copy from pageable memory does: the host stays ahead and the GPU never idles.
             host = host.pin_memory()
-        on_device = host.to(self.device, non_blocking=True)
-        selected = on_device[:, 0]
-        # index_select, not [selected]: the same gather in a quarter of the CPU time.
-        originals = self.images.index_select(0, selected)
-        images = augment_batch(
-            originals, on_device[:, 1:], self.mean, self.std, self.padding, self.cutout, self.padding_mode
-        )
-        return images, self.labels.index_select(0, selected)
+        return host.to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.sampler.epoch
         # Derived and augmented for many batches at once, not batch by batch: a step then
         # only slices, and on a GPU the host's time per step is what the step costs once
         # the GPU outruns it. Elementwise and gather operations give each sample the same
-        # values in a chunk as in its own batch.
-        epoch_params = self.params(epoch, np.arange(len(self.labels)))
+        # values in a chunk as in its own batch. Every sample's parameters go to the device
+        # once an epoch and a chunk's are gathered there: looked up and stacked with the
+        # indices on the host, they took more host time than the rest of the epoch's
+        # arrays (BENCHMARKS.md, section 8). Laid out (5, N), the gather reads whole rows.
+        all_params = self.params(epoch, np.arange(len(self.labels))).T
+        device_params = self._to_device(torch.from_numpy(np.ascontiguousarray(all_params)))
         for chunk in _chunks(list(self.sampler.index_batches()), self.augment_ahead):
-            images, labels = self.batch(epoch, np.concatenate(chunk), epoch_params)
+            selected = self._to_device(torch.from_numpy(np.concatenate(chunk)))
+            images, labels = self._augment(selected, device_params.index_select(1, selected).T)
             images = images.contiguous(memory_format=self.memory_format)
             sizes = [len(indices) for indices in chunk]
             yield from zip(images.split(sizes), labels.split(sizes), strict=True)
