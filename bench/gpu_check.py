@@ -72,7 +72,8 @@ g. Whether the GPU waits for the host in train.py's steps
 h. Host time per step of train.py's own loop on this machine
    (bench/host_overhead.py: the speedrun recipe's loop, the device pipeline at
    batch 1024, on a one-layer model, so that the GPU's work is negligible and
-   what is left is the host's), each part of the step, the same for a bare
+   what is left is the host's; a CPU smoke run estimates it from a second run
+   at batch 8), each part of the step, the same for a bare
    hand-written loop, and a cProfile of one epoch in the log
    (``host_overhead.log``): where the host time that keeps train.py below the
    bare step goes; and train.py's optimizer step against torch's SGD
@@ -656,7 +657,8 @@ def stage_h(report: Report, out: Path, smoke: bool) -> None:
     whole = parts.pop("whole step")
     parts.pop("finish_epoch", None)  # the epoch's evaluation and checkpoint, once an epoch: not the step's
     largest = ", ".join(f"{name} {value:.0f}" for name, value in sorted(parts.items(), key=lambda item: -item[1])[:4])
-    detail = f"{whole:.0f} µs (target <= 1000), {whole / bare:.2f} x a bare loop's {bare:.0f}; {largest}"
+    host = f"{figures['host_us_per_step']:.0f} µs of host time ({figures['host_method']}; target <= 1000)"
+    detail = f"{host}; the whole step {whole:.0f} µs, {whole / bare:.2f} x a bare loop's {bare:.0f}; {largest}"
     report.add("h", "host time per step", "measured", detail)
     smoke_arguments = ["--steps", "5", "--repeats", "1"] if smoke else []
     figures = run_bench(report, "h", "optimizer step", out, "optimizer_step", smoke_arguments)

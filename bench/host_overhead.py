@@ -280,6 +280,8 @@ def parse_args() -> argparse.Namespace:
     for name in ("batch_size", "host_batch", "steps", "repeats", "side"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.host_batch >= args.batch_size:
+        parser.error(f"--host-batch must be smaller than --batch-size {args.batch_size}, got {args.host_batch}")
     return args
 
 
@@ -304,24 +306,26 @@ def main() -> None:
     args = parse_args()
     info = benchlib.start(args.determinism)
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # On CUDA the trivial model's and the augmentation's kernels run on the GPU: the step's CPU
+    # time is the host's. On a CPU they are compute, which the run at --host-batch leaves out.
+    cuda = torch.cuda.is_available()
+    batches = f"batch {args.batch_size}" + ("" if cuda else f" and {args.host_batch}")
     print(
-        f"# {args.config}'s loop, batch {args.batch_size} (and {args.host_batch}), {args.steps} steps an epoch, "
-        f"{args.side}x{args.side} images, a one-layer model, the device pipeline on {device}, --determinism "
-        f"{args.determinism}, {args.threads} torch threads, --mixed-precision {args.mixed_precision or 'of the config'}"
+        f"# {args.config}'s loop, {batches}, {args.steps} steps an epoch, {args.side}x{args.side} images, a one-layer "
+        f"model, the device pipeline on {'cuda' if cuda else 'cpu'}, --determinism {args.determinism}, "
+        f"{args.threads} torch threads, --mixed-precision {args.mixed_precision or 'of the config'}"
     )
     small_args = argparse.Namespace(**{**vars(args), "batch_size": args.host_batch})
     with tempfile.TemporaryDirectory(prefix="bench-host-") as scratch:
         epochs, wall, training = loop(args, Path(scratch) / "loop")
-        small_epochs, _, _ = loop(small_args, Path(scratch) / "small-batch")
+        small_epochs = [] if cuda else loop(small_args, Path(scratch) / "small-batch")[0]
         if args.profile:
             profile(args, Path(scratch), args.profile)
-    config, precision = training.config, training.accelerator.mixed_precision
-    bare = bare_loop(args, config, training.accelerator.device, precision)
-    small_bare = bare_loop(small_args, config, training.accelerator.device, precision)
+    config, device, precision = training.config, training.accelerator.device, training.accelerator.mixed_precision
+    bare = bare_loop(args, config, device, precision)
+    small_bare = [] if cuda else bare_loop(small_args, config, device, precision)
     for epoch in epochs + small_epochs:
         epoch[REST] = epoch[WHOLE_STEP] - sum(epoch.get(name, 0.0) for name in (NEXT_BATCH, TRAINING_STEP, *OPTIMIZER))
-    estimate = host_time_estimate(small_epochs, epochs)
 
     def row(label: str, values: list[float]) -> list[str]:
         return [label, f"{median(values):.0f}", " ".join(f"{v:.0f}" for v in values) if len(values) > 1 else ""]
@@ -339,20 +343,27 @@ def main() -> None:
         *(row(f"{name}()", part(name)) for name in OPTIMIZER),
         row("the rest: loss sum, stop check, lookahead, progress bar, bookkeeping", part(REST)),
         row("a bare hand-written loop's step, its batches made beforehand (CPU time)", bare),
-        row(f"at batch {args.host_batch}: train.py's loop, whole step", part(WHOLE_STEP, small_epochs)),
-        row(f"at batch {args.host_batch}: the bare loop's step", small_bare),
-        row(f"train.py's host time at batch {args.batch_size}, estimated: the step at batch {args.host_batch}, "
-            f"the host arrays at {args.batch_size}", estimate),
-    ]  # fmt: skip
-    print()
-    benchlib.print_table(["per step", "µs (median)", "µs each epoch"], rows)
-    if device == "cuda":
-        # The trivial model's and the augmentation's kernels run on the GPU: the step's CPU time is the host's.
+    ]
+    small_batch: dict[str, Any] = {}
+    if cuda:
         host, bare_host, method = median(part(WHOLE_STEP)), median(bare), f"measured at batch {args.batch_size}"
     else:
-        # On a CPU the epoch's augmentation and the model are compute, which a GPU does on the device.
+        estimate = host_time_estimate(small_epochs, epochs)
+        rows += [
+            row(f"at batch {args.host_batch}: train.py's loop, whole step", part(WHOLE_STEP, small_epochs)),
+            row(f"at batch {args.host_batch}: the bare loop's step", small_bare),
+            row(f"train.py's host time at batch {args.batch_size}, estimated: the step at batch {args.host_batch}, "
+                f"the host arrays at {args.batch_size}", estimate),
+        ]  # fmt: skip
         host, bare_host = median(estimate), median(small_bare)
         method = f"estimated from batch {args.host_batch}; the bare loop at {args.host_batch}"
+        small_batch = {
+            "small_batch_us_per_step": small_epochs,
+            "small_batch_bare_us_per_step": small_bare,
+            "host_estimate_us_per_step": estimate,
+        }
+    print()
+    benchlib.print_table(["per step", "µs (median)", "µs each epoch"], rows)
     if args.batch_size == 1024:
         print(f"\ntarget, at most 1000 µs of host time per step ({method}): {'met' if host <= 1000 else 'not met'}")
         print(f"train.py's loop / the bare loop, host time per step: {host / bare_host:.2f}")
@@ -364,9 +375,7 @@ def main() -> None:
             "us_per_step": epochs,
             "wall_us_per_step": wall,
             "bare_us_per_step": bare,
-            "small_batch_us_per_step": small_epochs,
-            "small_batch_bare_us_per_step": small_bare,
-            "host_estimate_us_per_step": estimate,
+            **small_batch,
             "host_us_per_step": host,
             "host_method": method,
         },

@@ -198,7 +198,7 @@ class DeviceTrainBatches:
 
     def batch(self, epoch: int, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented images and labels of samples ``indices`` in ``epoch``."""
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = np.ascontiguousarray(indices, dtype=np.int64)  # torch takes no negative strides
         params = torch.from_numpy(self.params(epoch, indices))
         return self._augment(self._to_device(torch.from_numpy(indices)), self._to_device(params))
 
@@ -211,7 +211,8 @@ class DeviceTrainBatches:
         return images, self.labels.index_select(0, selected)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor's copy on the device, queued behind the device's work, not waiting for it."""
+        """A host tensor's copy on the device, queued behind the device's work, not waiting for
+        it; on the CPU, the tensor itself."""
         if self.device.type == "cuda":
             # A copy from pinned memory does not wait for the queued training step, as a
             # copy from pageable memory does: the host stays ahead and the GPU never idles.
@@ -226,7 +227,8 @@ class DeviceTrainBatches:
         # values in a chunk as in its own batch. Every sample's parameters go to the device
         # once an epoch and a chunk's are gathered there: looked up and stacked with the
         # indices on the host, they took more host time than the rest of the epoch's
-        # arrays (BENCHMARKS.md, section 8). Laid out (5, N), the gather reads whole rows.
+        # arrays (BENCHMARKS.md, section 8). Sent (5, N), as augmentation_params lays them
+        # out: the host rearranges nothing.
         all_params = self.params(epoch, np.arange(len(self.labels))).T
         device_params = self._to_device(torch.from_numpy(np.ascontiguousarray(all_params)))
         for chunk in _chunks(list(self.sampler.index_batches()), self.augment_ahead):
