@@ -126,8 +126,8 @@ from cifar.config import parse_config
 from cifar.models import SmallCNN
 
 
-def sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.1)
+def prepared(model):
+    return prepare_model(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1))[0]
 
 
 class Float32Head(SmallCNN):
@@ -142,8 +142,8 @@ config = parse_config(["--label-smoothing", "0.2", "--mixed-precision", "bf16"])
 torch.manual_seed(0)
 ours = SmallCNN(width=4)
 theirs = accelerator.prepare(copy.deepcopy(ours))  # accelerate's forward wrapper on
-compiled, _ = prepare_model(accelerator, torch.compile(copy.deepcopy(ours), backend="eager"), sgd(ours))
-ours, _ = prepare_model(accelerator, ours, sgd(ours))
+compiled = prepared(torch.compile(copy.deepcopy(ours), backend="eager"))
+ours = prepared(ours)
 images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
 same = []
 for step in range(2):
@@ -155,7 +155,7 @@ for step in range(2):
         for other in others:
             other.grad = None
 evaluations = [train.evaluate(model, [(images, labels)], config, accelerator, 2) for model in (ours, theirs, compiled)]
-head, _ = prepare_model(accelerator, Float32Head(width=4), sgd(ours))
+head = prepared(Float32Head(width=4))
 with accelerator.autocast():
     head_dtype = str(head(images).dtype)
 print(json.dumps({
