@@ -1,5 +1,6 @@
 """What the benchmarks share: the repository on ``sys.path``, a description of
-the machine they ran on, the median-of-ratios summary, and a bitwise comparison of tensors.
+the machine they ran on, the median-of-ratios summary, a bitwise comparison of tensors,
+and the argument types of their counts.
 
 Import it before anything from the repository: ``python bench/X.py`` puts only
 ``bench/`` on ``sys.path``, and ``cifar/`` is not an installed package.
@@ -12,6 +13,7 @@ figure. Absolute images/s are printed too, but they vary with that load.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -35,6 +37,27 @@ if str(REPO) not in sys.path:
 SPEEDRUN_CONFIG = REPO / "configs" / "cifar10_speedrun.yaml"
 
 DETERMINISM_MODES = ("strict", "off", "strict+fill")  # what set_determinism accepts
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for a count that must be at least 1 (steps, repeats, a batch size):
+    a bad value is a one-line usage error (exit status 2), not a traceback deep in the bench."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for a count that may be 0 (DataLoader workers, warm-up steps)."""
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
 
 
 def cpu_model() -> str:

@@ -36,7 +36,7 @@ def timed_load(folder: Path, cache: Path | None) -> tuple[float, Splits]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="an image folder: train/<class>/*, test/<class>/*")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions of each load")
+    parser.add_argument("--repeats", type=benchlib.positive_int, default=3, help="alternating repetitions of each load")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     info = benchlib.environment()

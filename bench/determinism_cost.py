@@ -259,10 +259,14 @@ def parse_args() -> argparse.Namespace:
         "--steps", default="small_cnn:512,resnet9:64", help="MODEL:BATCH,... training steps timed in each mode"
     )
     parser.add_argument("--block-seconds", type=float, default=3.0, help="length of one block of training steps")
-    parser.add_argument("--train-size", type=int, default=8192, help="synthetic images behind the loaders")
-    parser.add_argument("--batch-size", type=int, default=256, help="loader batch size")
-    parser.add_argument("--batches", type=int, default=16, help="batches per loader block, after the first")
-    parser.add_argument("--repeats", type=int, default=6, help="blocks per side")
+    parser.add_argument(
+        "--train-size", type=benchlib.positive_int, default=8192, help="synthetic images behind the loaders"
+    )
+    parser.add_argument("--batch-size", type=benchlib.positive_int, default=256, help="loader batch size")
+    parser.add_argument(
+        "--batches", type=benchlib.positive_int, default=16, help="batches per loader block, after the first"
+    )
+    parser.add_argument("--repeats", type=benchlib.positive_int, default=6, help="blocks per side")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 

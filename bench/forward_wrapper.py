@@ -76,9 +76,11 @@ def timers_for(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64, help="images per step (small: compute negligible)")
-    parser.add_argument("--steps", type=int, default=500, help="steps per timing")
-    parser.add_argument("--repeats", type=int, default=11, help="alternating timings of each way")
+    parser.add_argument(
+        "--batch-size", type=benchlib.positive_int, default=64, help="images per step (small: compute negligible)"
+    )
+    parser.add_argument("--steps", type=benchlib.positive_int, default=500, help="steps per timing")
+    parser.add_argument("--repeats", type=benchlib.positive_int, default=11, help="alternating timings of each way")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 

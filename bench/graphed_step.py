@@ -130,9 +130,9 @@ class Trainer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=1024, help="the speedrun recipe's")
-    parser.add_argument("--steps", type=int, default=12, help="steps per pass")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes of each")
+    parser.add_argument("--batch-size", type=benchlib.positive_int, default=1024, help="the speedrun recipe's")
+    parser.add_argument("--steps", type=benchlib.positive_int, default=12, help="steps per pass")
+    parser.add_argument("--repeats", type=benchlib.positive_int, default=5, help="timed passes of each")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     info = benchlib.start("strict")

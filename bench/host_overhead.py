@@ -252,22 +252,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is run, its model aside"
     )
-    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (the speedrun recipe's)")
+    parser.add_argument(
+        "--batch-size", type=benchlib.positive_int, default=1024, help="global batch (the speedrun recipe's)"
+    )
     parser.add_argument(
         "--host-batch",
-        type=int,
+        type=benchlib.positive_int,
         default=8,
         help="a batch at which a CPU's compute is negligible, for the host time on a CPU",
     )
-    parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
-    parser.add_argument("--repeats", type=int, default=5, help="epochs of the whole loop; each gives a figure")
+    parser.add_argument("--steps", type=benchlib.positive_int, default=100, help="steps per epoch")
+    parser.add_argument(
+        "--repeats", type=benchlib.positive_int, default=5, help="epochs of the whole loop; each gives a figure"
+    )
     parser.add_argument(
         "--side",
-        type=int,
+        type=benchlib.positive_int,
         default=3,
         help="image side in pixels: small makes compute negligible (reflect padding 2 needs 3)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    parser.add_argument("--threads", type=benchlib.positive_int, default=1, help="torch's intra-op threads")
     parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"])
     parser.add_argument(
         "--mixed-precision",
@@ -275,12 +279,11 @@ def parse_args() -> argparse.Namespace:
         help="the config's by default (auto: bf16 on CUDA, fp32 on the CPU); bf16 on the CPU runs the step "
         "in autocast as on a GPU",
     )
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also cProfile one epoch, top N")
+    parser.add_argument(
+        "--profile", type=benchlib.non_negative_int, default=0, metavar="N", help="also cProfile one epoch, top N"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    for name in ("batch_size", "host_batch", "steps", "repeats", "side"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.host_batch >= args.batch_size:
         parser.error(f"--host-batch must be smaller than --batch-size {args.batch_size}, got {args.host_batch}")
     return args

@@ -65,13 +65,15 @@ def synchronize(device: torch.device) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-folder", help="train/<class>/* images instead of synthetic ones")
-    parser.add_argument("--train-size", type=int, default=50000, help="synthetic training images (CIFAR's count)")
-    parser.add_argument("--batch-size", type=int, default=512, help="train.py's default")
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
+    parser.add_argument(
+        "--train-size", type=benchlib.positive_int, default=50000, help="synthetic training images (CIFAR's count)"
+    )
+    parser.add_argument("--batch-size", type=benchlib.positive_int, default=512, help="train.py's default")
+    parser.add_argument("--batches", type=benchlib.positive_int, default=12, help="timed batches per measurement")
     parser.add_argument(
         "--workers", default="0,1,2,device", help="comma-separated DataLoader worker counts, and device"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=benchlib.positive_int, default=3)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     for name in args.workers.split(","):

@@ -168,14 +168,20 @@ def pipeline(args: argparse.Namespace, run_dir: Path, defaults: TorchDefaults) -
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small_cnn", choices=["small_cnn", "resnet9", "resnet18"])
-    parser.add_argument("--batch-size", type=int, default=512, help="train.py's default")
-    parser.add_argument("--train-size", type=int, default=5120, help="synthetic training images: one epoch")
-    parser.add_argument("--test-size", type=int, default=512, help="synthetic test images, evaluated once")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of both loops")
+    parser.add_argument("--batch-size", type=benchlib.positive_int, default=512, help="train.py's default")
+    parser.add_argument(
+        "--train-size", type=benchlib.positive_int, default=5120, help="synthetic training images: one epoch"
+    )
+    parser.add_argument(
+        "--test-size", type=benchlib.positive_int, default=512, help="synthetic test images, evaluated once"
+    )
+    parser.add_argument(
+        "--num-workers", type=benchlib.non_negative_int, default=2, help="DataLoader workers of both loops"
+    )
     parser.add_argument("--data-pipeline", default="dataloader", choices=["dataloader", "device"])
     parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"], help="train.py's only")
     parser.add_argument("--seed", type=int, default=2333)
-    parser.add_argument("--repeats", type=int, default=5, help="pairs of runs")
+    parser.add_argument("--repeats", type=benchlib.positive_int, default=5, help="pairs of runs")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 

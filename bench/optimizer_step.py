@@ -117,8 +117,10 @@ def timer(optimizer: torch.optim.Optimizer, steps: int) -> Callable[[], float]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="speedrun", help="whose parameter groups (a name of cifar.models)")
-    parser.add_argument("--steps", type=int, default=200, help="steps per timing")
-    parser.add_argument("--repeats", type=int, default=11, help="alternating timings of each optimizer")
+    parser.add_argument("--steps", type=benchlib.positive_int, default=200, help="steps per timing")
+    parser.add_argument(
+        "--repeats", type=benchlib.positive_int, default=11, help="alternating timings of each optimizer"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 

@@ -50,11 +50,13 @@ def make_subset(source: Path, target: Path, per_class: dict[str, int]) -> dict[s
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, type=Path, help="the unpacked CIFAR-10 JPEG folder")
-    parser.add_argument("--train-per-class", type=int, default=200)
-    parser.add_argument("--test-per-class", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=0, help="on 2 cores, workers compete with training")
+    parser.add_argument("--train-per-class", type=benchlib.positive_int, default=200)
+    parser.add_argument("--test-per-class", type=benchlib.positive_int, default=50)
+    parser.add_argument("--epochs", type=benchlib.positive_int, default=2)
+    parser.add_argument("--batch-size", type=benchlib.positive_int, default=128)
+    parser.add_argument(
+        "--num-workers", type=benchlib.non_negative_int, default=0, help="on 2 cores, workers compete with training"
+    )
     parser.add_argument("--mixed-precision", default="no", help="bf16 autocast is slow on CPUs without bf16 units")
     parser.add_argument("--output-dir", type=Path, help="keep train.py's run folder here (default: a temporary one)")
     parser.add_argument("--json", help="also write the figures to this file")

@@ -130,8 +130,10 @@ def bare_operations(training: Training, train_batches: train.Batches) -> dict:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is counted")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch; the count does not depend on it")
-    parser.add_argument("--steps", type=int, default=10, help="steps per epoch")
+    parser.add_argument(
+        "--batch-size", type=benchlib.positive_int, default=32, help="global batch; the count does not depend on it"
+    )
+    parser.add_argument("--steps", type=benchlib.positive_int, default=10, help="steps per epoch")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 

@@ -371,8 +371,12 @@ def report(figures: dict[str, Any], bare: dict[str, Any]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(benchlib.SPEEDRUN_CONFIG), help="the recipe whose loop is profiled")
-    parser.add_argument("--batch-size", type=int, default=1024, help="global batch (the speedrun recipe's)")
-    parser.add_argument("--steps", type=int, default=12, help="steps per epoch; the third epoch's are profiled")
+    parser.add_argument(
+        "--batch-size", type=benchlib.positive_int, default=1024, help="global batch (the speedrun recipe's)"
+    )
+    parser.add_argument(
+        "--steps", type=benchlib.positive_int, default=12, help="steps per epoch; the third epoch's are profiled"
+    )
     parser.add_argument("--determinism", default="strict", choices=["strict", "warn", "off"])
     parser.add_argument("--trace", help="also write the timeline here, gzipped Chrome trace JSON")
     parser.add_argument("--json", help="also write the figures to this file")

@@ -86,13 +86,13 @@ def seconds(device: torch.device, function: Callable[..., object], *args: object
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="an image folder (train/<class>/*); default: normal noise")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions of each")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (train.py: cpu_threads, default 1)")
+    parser.add_argument("--repeats", type=benchlib.positive_int, default=3, help="alternating repetitions of each")
+    parser.add_argument(
+        "--threads", type=benchlib.positive_int, default=1, help="torch threads (train.py: cpu_threads, default 1)"
+    )
     parser.add_argument("--device", default="cpu", help="where the covariance is computed (train.py: the run's device)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be at least 1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")

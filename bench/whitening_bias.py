@@ -62,10 +62,12 @@ def step_seconds(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of (on, off, off, on)")
+    parser.add_argument("--batch-size", type=benchlib.positive_int, default=128, help="images per step")
+    parser.add_argument("--steps", type=benchlib.positive_int, default=5, help="timed steps per measurement")
+    parser.add_argument(
+        "--warmup", type=benchlib.non_negative_int, default=2, help="untimed steps before each measurement"
+    )
+    parser.add_argument("--rounds", type=benchlib.positive_int, default=2, help="rounds of (on, off, off, on)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
